@@ -1,0 +1,422 @@
+"""The T5 encoder-decoder as a flax.linen Module, with t5x's parameter tree and logical axes.
+
+Parameter paths (`token_embedder/embedding`, `encoder/layers_0/attention/query/kernel`,
+`encoder/relpos_bias/rel_embedding`, `decoder/logits_dense/kernel`, ...) and their logical axis
+names are those of t5x's T5 1.1 network, so t5x checkpoints load without renaming. Axis names are
+recorded t5x-style in a `params_axes` collection (`<param>_axes` entries), keeping `params` a tree
+of plain arrays.
+
+Tensor names carry their layout: B batch, T encoder length, S decoder length, H d_model,
+N heads, D head_dim, F mlp width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softprompt_jax.t5_config import ACTIVATIONS, T5Config
+
+# Large negative bias for masked attention positions (t5x uses the same value).
+MASK_BIAS = -1e10
+
+
+@flax.struct.dataclass
+class AxisMetadata:
+  """Logical axis names of one parameter (t5x's `params_axes` entry)."""
+  names: tuple[str, ...] = flax.struct.field(pytree_node=False)
+
+
+def param_with_axes(module: nn.Module, name: str, init_fn: Callable, shape: tuple[int, ...],
+                    axes: tuple[str, ...]) -> jax.Array:
+  """A float32 parameter whose logical axis names go to the `params_axes` collection."""
+  if len(axes) != len(shape):
+    raise ValueError(f"{name}: {len(axes)} axis names {axes} for a parameter of shape {shape}")
+  value = module.param(name, init_fn, shape, jnp.float32)
+  if module.is_mutable_collection("params_axes"):
+    module.variable("params_axes", f"{name}_axes", AxisMetadata, axes)
+  return value
+
+
+def constrain(x: jax.Array, axes: tuple[Optional[str], ...]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside a mesh with axis rules."""
+  return nn.with_logical_constraint(x, axes)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: no mean subtraction, no bias; statistics in float32."""
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxH):
+    scale_H = param_with_axes(self, "scale", nn.initializers.ones, (x_BxLxH.shape[-1],), ("embed",))
+    x = x_BxLxH.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return (x * scale_H).astype(self.dtype)
+
+
+class Dense(nn.Module):
+  """A bias-free 2-D kernel [in, out] with logical axes, as t5x stores DenseGeneral kernels."""
+  features: int
+  axes: tuple[str, str]
+  dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = param_with_axes(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
+                             self.axes)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding table [V, H]; `attend` gives the tied output projection."""
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = param_with_axes(self, "embedding", nn.initializers.normal(1.0),
+                                     (self.num_embeddings, self.features), ("vocab", "embed"))
+
+  def __call__(self, tokens_BxL):
+    if not jnp.issubdtype(tokens_BxL.dtype, jnp.integer):
+      raise TypeError(f"token ids must be integers, got {tokens_BxL.dtype}")
+    return jnp.take(self.embedding, tokens_BxL, axis=0).astype(self.dtype)
+
+  def attend(self, x_BxLxH):
+    return jnp.dot(x_BxLxH.astype(self.dtype), self.embedding.T.astype(self.dtype))
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> np.ndarray:
+  """Mesh TF / t5x bucketing of (memory - query) offsets; numpy, since shapes are static."""
+  ret = 0
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(np.int32) * num_buckets
+    n = np.abs(n)
+  else:
+    n = np.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  # float32 with t5x's epsilon, so bucket edges land where t5x (and the checkpoints) put them.
+  val_if_large = max_exact + (
+      np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
+      / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(np.int32)
+  val_if_large = np.minimum(val_if_large, num_buckets - 1)
+  return ret + np.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+  """One learned scalar per (head, bucket), shared by every layer of a stack."""
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_len: int, k_len: int, bidirectional: bool):
+    context = np.arange(q_len, dtype=np.int32)[:, None]
+    memory = np.arange(k_len, dtype=np.int32)[None, :]
+    buckets_QxK = relative_position_bucket(memory - context, bidirectional, self.num_buckets,
+                                           self.max_distance)
+    rel_embedding_NxK = param_with_axes(
+        self, "rel_embedding", nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+        (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
+    # One-hot contraction instead of a gather: it partitions cleanly and matches t5x.
+    onehot_QxKxR = jax.nn.one_hot(buckets_QxK, self.num_buckets, dtype=self.dtype)
+    bias_NxQxK = jnp.einsum("nr,qkr->nqk", rel_embedding_NxK.astype(self.dtype), onehot_QxKxR)
+    return bias_NxQxK[None]  # [1, N, Q, K]
+
+
+class MultiHeadAttention(nn.Module):
+  """T5 attention: no query scaling (folded into the initialisation), no biases."""
+  num_heads: int
+  head_dim: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxQxH, kv_BxKxH, bias_BxNxQxK, *, deterministic: bool,
+               decode: bool = False):
+    inner = self.num_heads * self.head_dim
+    emb = x_BxQxH.shape[-1]
+    q_init = nn.initializers.variance_scaling(1.0 / self.head_dim, "fan_in", "truncated_normal")
+    q = Dense(inner, ("embed", "joined_kv"), self.dtype, q_init, name="query")(x_BxQxH)
+    k = Dense(inner, ("embed", "joined_kv"), self.dtype, name="key")(kv_BxKxH)
+    v = Dense(inner, ("embed", "joined_kv"), self.dtype, name="value")(kv_BxKxH)
+    split = lambda t: t.reshape(t.shape[:2] + (self.num_heads, self.head_dim))
+    q_BxQxNxD, k_BxKxNxD, v_BxKxNxD = split(q), split(k), split(v)
+    q_BxQxNxD = constrain(q_BxQxNxD, ("batch", "length", "heads", "kv"))
+    k_BxKxNxD = constrain(k_BxKxNxD, ("batch", "length", "heads", "kv"))
+    v_BxKxNxD = constrain(v_BxKxNxD, ("batch", "length", "heads", "kv"))
+
+    if decode:
+      k_BxKxNxD, v_BxKxNxD, bias_BxNxQxK = self._update_cache(k_BxKxNxD, v_BxKxNxD,
+                                                              bias_BxNxQxK)
+
+    logits_BxNxQxK = jnp.einsum("bqnd,bknd->bnqk", q_BxQxNxD, k_BxKxNxD,
+                                preferred_element_type=jnp.float32)
+    if bias_BxNxQxK is not None:
+      logits_BxNxQxK = logits_BxNxQxK + bias_BxNxQxK.astype(jnp.float32)
+    weights_BxNxQxK = jax.nn.softmax(logits_BxNxQxK, axis=-1).astype(self.dtype)
+    if not deterministic and self.dropout_rate > 0:
+      weights_BxNxQxK = nn.Dropout(self.dropout_rate)(weights_BxNxQxK, deterministic=False)
+    out_BxQxNxD = jnp.einsum("bnqk,bknd->bqnd", weights_BxNxQxK, v_BxKxNxD)
+    out_BxQxF = out_BxQxNxD.reshape(out_BxQxNxD.shape[:2] + (inner,))
+    o_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    return Dense(emb, ("joined_kv", "embed"), self.dtype, o_init, name="out")(out_BxQxF)
+
+  def _update_cache(self, k_Bx1xNxD, v_Bx1xNxD, bias_BxNx1xL):
+    """Autoregressive step: write this position's key/value and attend to positions <= it.
+
+    The cache is created by a first call with the full decoder length (see `T5.init_cache`);
+    that call only shapes the cache and attends normally.
+    """
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, k_Bx1xNxD.shape, k_Bx1xNxD.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, v_Bx1xNxD.shape,
+                                 v_Bx1xNxD.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return k_Bx1xNxD, v_Bx1xNxD, bias_BxNx1xL
+    if k_Bx1xNxD.shape[1] != 1:
+      raise ValueError(f"decode steps take one token at a time, got {k_Bx1xNxD.shape[1]}")
+    max_len = cached_key.value.shape[1]
+    i = cache_index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_Bx1xNxD, (0, i, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_Bx1xNxD, (0, i, 0, 0))
+    cache_index.value = i + 1
+    visible_1xL = jnp.arange(max_len)[None, :] <= i
+    mask_bias = jnp.where(visible_1xL, 0.0, MASK_BIAS)[None, None]  # [1, 1, 1, L]
+    bias = mask_bias if bias_BxNx1xL is None else bias_BxNx1xL + mask_bias
+    return cached_key.value, cached_value.value, bias
+
+
+class MLP(nn.Module):
+  """Gated (T5 1.1: gelu(x W_0) * (x W_1)) or plain (T5 1.0: relu(x W)) feed-forward block."""
+  mlp_dim: int
+  activations: tuple[str, ...]
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxH, *, deterministic: bool):
+    emb = x_BxLxH.shape[-1]
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    hidden = None
+    for idx, act in enumerate(self.activations):
+      name = "wi" if len(self.activations) == 1 else f"wi_{idx}"
+      h_BxLxF = ACTIVATIONS[act](Dense(self.mlp_dim, ("embed", "mlp"), self.dtype, init,
+                                       name=name)(x_BxLxH))
+      hidden = h_BxLxF if hidden is None else hidden * h_BxLxF
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden,
+                                                                 deterministic=deterministic)
+    return Dense(emb, ("mlp", "embed"), self.dtype, init, name="wo")(hidden)
+
+
+def _residual(module, x, sublayer_out, deterministic):
+  dropped = nn.Dropout(module.config.dropout_rate, broadcast_dims=(-2,))(
+      sublayer_out, deterministic=deterministic)
+  return constrain(x + dropped, ("batch", "length", "embed"))
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x_BxTxH, bias_BxNxTxT, *, deterministic: bool):
+    c = self.config
+    dt = c.activation_dtype
+    y = RMSNorm(c.layer_norm_epsilon, dt, name="pre_attention_layer_norm")(x_BxTxH)
+    y = MultiHeadAttention(c.num_heads, c.head_dim, c.dropout_rate, dt, name="attention")(
+        y, y, bias_BxNxTxT, deterministic=deterministic)
+    x_BxTxH = _residual(self, x_BxTxH, y, deterministic)
+    y = RMSNorm(c.layer_norm_epsilon, dt, name="pre_mlp_layer_norm")(x_BxTxH)
+    y = MLP(c.mlp_dim, c.mlp_activations, c.dropout_rate, dt, name="mlp")(
+        y, deterministic=deterministic)
+    return _residual(self, x_BxTxH, y, deterministic)
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, y_BxSxH, encoded_BxTxH, self_bias, cross_bias, *, deterministic: bool,
+               decode: bool):
+    c = self.config
+    dt = c.activation_dtype
+    z = RMSNorm(c.layer_norm_epsilon, dt, name="pre_self_attention_layer_norm")(y_BxSxH)
+    z = MultiHeadAttention(c.num_heads, c.head_dim, c.dropout_rate, dt, name="self_attention")(
+        z, z, self_bias, deterministic=deterministic, decode=decode)
+    y_BxSxH = _residual(self, y_BxSxH, z, deterministic)
+    z = RMSNorm(c.layer_norm_epsilon, dt, name="pre_cross_attention_layer_norm")(y_BxSxH)
+    z = MultiHeadAttention(c.num_heads, c.head_dim, c.dropout_rate, dt,
+                           name="encoder_decoder_attention")(
+                               z, encoded_BxTxH, cross_bias, deterministic=deterministic)
+    y_BxSxH = _residual(self, y_BxSxH, z, deterministic)
+    z = RMSNorm(c.layer_norm_epsilon, dt, name="pre_mlp_layer_norm")(y_BxSxH)
+    z = MLP(c.mlp_dim, c.mlp_activations, c.dropout_rate, dt, name="mlp")(
+        z, deterministic=deterministic)
+    return _residual(self, y_BxSxH, z, deterministic)
+
+
+def attention_mask_bias(query_valid_BxQ, key_valid_BxK) -> jax.Array:
+  """[B, 1, Q, K] additive bias: 0 where both positions are real, MASK_BIAS elsewhere."""
+  mask = query_valid_BxQ[:, None, :, None] & key_valid_BxK[:, None, None, :]
+  return jnp.where(mask, 0.0, MASK_BIAS).astype(jnp.float32)
+
+
+class Encoder(nn.Module):
+  """The encoder stack over already-embedded inputs (so a prompt can be spliced in first)."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x_BxTxH, valid_BxT, *, deterministic: bool):
+    c = self.config
+    dt = c.activation_dtype
+    t = x_BxTxH.shape[1]
+    bias = RelativePositionBiases(c.relative_attention_num_buckets,
+                                  c.relative_attention_max_distance, c.num_heads, dt,
+                                  name="relpos_bias")(t, t, bidirectional=True)
+    bias = bias + attention_mask_bias(valid_BxT, valid_BxT)
+    x = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(x_BxTxH, deterministic=deterministic)
+    x = constrain(x.astype(dt), ("batch", "length", "embed"))
+    for i in range(c.num_encoder_layers):
+      x = EncoderLayer(c, name=f"layers_{i}")(x, bias, deterministic=deterministic)
+    x = RMSNorm(c.layer_norm_epsilon, dt, name="encoder_norm")(x)
+    return nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  token_embedder: Embed
+
+  @nn.compact
+  def __call__(self, encoded_BxTxH, encoder_valid_BxT, decoder_input_tokens_BxS,
+               decoder_valid_BxS=None, *, deterministic: bool, decode: bool = False,
+               max_decode_length: Optional[int] = None):
+    c = self.config
+    dt = c.activation_dtype
+    s = decoder_input_tokens_BxS.shape[1]
+    relpos = RelativePositionBiases(c.relative_attention_num_buckets,
+                                    c.relative_attention_max_distance, c.num_heads, dt,
+                                    name="relpos_bias")
+    if decode and s == 1:
+      # One step: the cache supplies the causal mask; the bias row is sliced at the position.
+      self_bias = relpos(max_decode_length, max_decode_length, bidirectional=False)
+      index = self._step_index()
+      self_bias = jax.lax.dynamic_slice_in_dim(self_bias, index, 1, axis=2)
+    else:
+      self_bias = relpos(s, s, bidirectional=False)
+      causal_SxS = jnp.tril(jnp.ones((s, s), bool))
+      self_bias = self_bias + jnp.where(causal_SxS, 0.0, MASK_BIAS)[None, None]
+    if decoder_valid_BxS is None:
+      decoder_valid_BxS = jnp.ones(decoder_input_tokens_BxS.shape, bool)
+    if not (decode and s == 1):
+      self_bias = self_bias + attention_mask_bias(decoder_valid_BxS, decoder_valid_BxS)
+    cross_bias = attention_mask_bias(decoder_valid_BxS, encoder_valid_BxT)
+
+    y = self.token_embedder(decoder_input_tokens_BxS)
+    y = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+    y = constrain(y.astype(dt), ("batch", "length", "embed"))
+    for i in range(c.num_decoder_layers):
+      y = DecoderLayer(c, name=f"layers_{i}")(y, encoded_BxTxH, self_bias, cross_bias,
+                                              deterministic=deterministic, decode=decode)
+    y = RMSNorm(c.layer_norm_epsilon, dt, name="decoder_norm")(y)
+    y = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+    if c.logits_via_embedding:
+      logits_BxSxV = self.token_embedder.attend(y) / jnp.sqrt(jnp.array(y.shape[-1], dt))
+    else:
+      logits_BxSxV = Dense(c.vocab_size, ("embed", "vocab"), dt,
+                           nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                           name="logits_dense")(y)
+    logits_BxSxV = constrain(logits_BxSxV, ("batch", "length", "vocab"))
+    return logits_BxSxV.astype(jnp.float32)
+
+  def _step_index(self):
+    """Current decode position: the first self-attention cache's index before this step."""
+    return self.get_variable("cache", "layers_0")["self_attention"]["cache_index"]
+
+
+class T5(nn.Module):
+  """Encoder-decoder T5. `apply(params, encoder_input_tokens, decoder_input_tokens)` -> logits.
+
+  Token id 0 is padding: the encoder mask is `encoder_input_tokens > 0`; decoder inputs start
+  with 0 (the shifted targets), so decoder padding is read from `decoder_target_tokens` when
+  given, as in t5x.
+  """
+  config: T5Config
+
+  def setup(self):
+    c = self.config
+    self.token_embedder = Embed(c.vocab_size, c.emb_dim, c.activation_dtype)
+    self.encoder = Encoder(c)
+    self.decoder = Decoder(c, self.token_embedder)
+
+  # The hook PromptedT5 overrides: embedded encoder inputs and their validity mask.
+  def encoder_inputs(self, encoder_input_tokens_BxT, **kwargs):
+    if kwargs:
+      raise TypeError(f"T5 takes no extra encoder arguments, got {sorted(kwargs)}")
+    return self.token_embedder(encoder_input_tokens_BxT), encoder_input_tokens_BxT > 0
+
+  def encode(self, encoder_input_tokens_BxT, *, enable_dropout: bool = False, **kwargs):
+    """Returns (encoded [B, T', H], encoder_valid [B, T']); T' includes any prompt."""
+    x_BxTxH, valid_BxT = self.encoder_inputs(encoder_input_tokens_BxT, **kwargs)
+    encoded = self.encoder(x_BxTxH, valid_BxT, deterministic=not enable_dropout)
+    return encoded, valid_BxT
+
+  def decode(self, encoded_BxTxH, encoder_valid_BxT, decoder_input_tokens_BxS,
+             decoder_target_tokens_BxS=None, *, enable_dropout: bool = False,
+             decode: bool = False, max_decode_length: Optional[int] = None):
+    decoder_valid = None if decoder_target_tokens_BxS is None else decoder_target_tokens_BxS > 0
+    return self.decoder(encoded_BxTxH, encoder_valid_BxT, decoder_input_tokens_BxS, decoder_valid,
+                        deterministic=not enable_dropout, decode=decode,
+                        max_decode_length=max_decode_length)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None, *,
+               enable_dropout: bool = False, **encoder_kwargs):
+    encoded, valid = self.encode(encoder_input_tokens, enable_dropout=enable_dropout,
+                                 **encoder_kwargs)
+    return self.decode(encoded, valid, decoder_input_tokens, decoder_target_tokens,
+                       enable_dropout=enable_dropout)
+
+
+def init_params(model: nn.Module, rng, batch: int = 1, input_len: int = 8, target_len: int = 4):
+  """Initialise `model`'s params with dummy shapes; returns (params, params_axes)."""
+  enc = jnp.ones((batch, input_len), jnp.int32)
+  dec = jnp.ones((batch, target_len), jnp.int32)
+  variables = model.init(rng, enc, dec)
+  return variables["params"], variables.get("params_axes", {})
+
+
+def logical_axes(model: nn.Module, input_len: int = 8, target_len: int = 4) -> dict:
+  """The logical axis names of every parameter, as a tree shaped like `params`."""
+  enc = jax.ShapeDtypeStruct((1, input_len), jnp.int32)
+  dec = jax.ShapeDtypeStruct((1, target_len), jnp.int32)
+  axes = jax.eval_shape(model.init, jax.random.PRNGKey(0), enc, dec)["params_axes"]
+  return strip_axes_suffix(axes)
+
+
+def strip_axes_suffix(params_axes) -> dict:
+  """`{'kernel_axes': AxisMetadata(names)}` -> `{'kernel': names}`, recursively."""
+  out = {}
+  for k, v in params_axes.items():
+    if isinstance(v, AxisMetadata):
+      out[k[:-len("_axes")]] = v.names
+    else:
+      out[k] = strip_axes_suffix(v)
+  return out
