@@ -91,3 +91,17 @@ def random_batch(seed: int, batch: int = 3, input_len: int = 40, target_len: int
   dec = rng.randint(2, vocab_size, size=(batch, target_len)).astype(np.int32)
   dec[:, 0] = 0
   return enc, dec
+
+
+def hf_to_ours(model):
+  """(T5Config, params) holding exactly the weights of a transformers T5 model, in memory."""
+  import json
+
+  from softprompt_jax.checkpoints.hf_names import config_from_hf, params_from_hf_state
+  config = json.loads(model.config.to_json_string())
+  config["scale_decoder_outputs"] = model.config.scale_decoder_outputs
+  ours = config_from_hf(config, dropout_rate=0.0)
+  state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+  if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
+    state.pop("lm_head.weight", None)
+  return ours, params_from_hf_state(state, ours)

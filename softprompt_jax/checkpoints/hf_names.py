@@ -92,3 +92,16 @@ HF_LM_HEAD_FALLBACK = "shared.weight"
 
 # Copies of `shared.weight` that Hugging Face may also store; they carry no information.
 HF_TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def params_from_hf_state(state: Mapping[str, Any], config: T5Config) -> dict:
+  """Nested t5x params from an in-memory {hf_name: array} dict (no file I/O, no validation)."""
+  from flax.traverse_util import unflatten_dict
+  import numpy as np
+  flat = {}
+  for hf_name, (path, transpose) in hf_name_map(config).items():
+    if hf_name not in state and hf_name == "lm_head.weight":
+      hf_name = HF_LM_HEAD_FALLBACK
+    array = np.asarray(state[hf_name])
+    flat[tuple(path.split("/"))] = array.T if transpose else array
+  return unflatten_dict(flat)
