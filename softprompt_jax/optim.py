@@ -1,0 +1,84 @@
+"""Which parameters learn, and how: path-regex labels, partitioning, and the paper's optimizers.
+
+Two layers keep the frozen model frozen. `split_trainable` lets the train step differentiate
+with respect to the trainable subtree alone, so no frozen gradient is ever computed; and the optax
+transform is `multi_transform` with `set_to_zero` for frozen labels, so the same optimizer code
+runs prompt tuning (`.*prompt.*`), model tuning (`.*`) and partial variants, and holds no state
+for a frozen weight.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+TRAINABLE = "trainable"
+FROZEN = "frozen"
+PROMPT_ONLY = (".*prompt.*",)
+MODEL_TUNING = (".*",)
+
+
+def _compile(patterns: Sequence[str] | str):
+  patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+  try:
+    return [re.compile(p) for p in patterns]
+  except re.error as e:
+    raise ValueError(f"trainable pattern {e.pattern!r} is not a valid regex: {e}") from None
+
+
+def param_labels(params: dict, trainable_patterns: Sequence[str] | str = PROMPT_ONLY) -> dict:
+  """'trainable' for each path ('a/b/c') fully matching any pattern (t5x style), else 'frozen'."""
+  regexes = _compile(trainable_patterns)
+  flat = flatten_dict(params, sep="/")
+  labels = {path: TRAINABLE if any(r.fullmatch(path) for r in regexes) else FROZEN
+            for path in flat}
+  if TRAINABLE not in labels.values():
+    raise ValueError(f"no parameter path matches the trainable patterns {list(trainable_patterns)}"
+                     f"; paths look like {sorted(labels)[:3]}")
+  return unflatten_dict(labels, sep="/")
+
+
+def split_trainable(params: dict, labels: dict) -> tuple[dict, dict]:
+  """(trainable subtree, frozen subtree): two nested dicts that partition `params`."""
+  flat, flat_labels = flatten_dict(params), flatten_dict(labels)
+  trainable = {k: v for k, v in flat.items() if flat_labels[k] == TRAINABLE}
+  frozen = {k: v for k, v in flat.items() if flat_labels[k] == FROZEN}
+  return unflatten_dict(trainable), unflatten_dict(frozen)
+
+
+def merge(trainable: dict, frozen: dict) -> dict:
+  """Inverse of `split_trainable`."""
+  flat = flatten_dict(frozen)
+  flat.update(flatten_dict(trainable))
+  return unflatten_dict(flat)
+
+
+def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
+              weight_decay_rate: float | None = 1e-5, clipping_threshold: float | None = 1.0,
+              multiply_by_parameter_scale: bool = False, momentum: float | None = None):
+  """Adafactor as the paper ran it: constant lr 0.3, decay 0.8, wd 1e-5, no parameter scaling.
+
+  optax's adafactor applies weight decay as t5x does, `(1 - wd) * param - lr * update`, not
+  scaled by the learning rate.
+  """
+  return optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
+                         weight_decay_rate=weight_decay_rate,
+                         clipping_threshold=clipping_threshold,
+                         multiply_by_parameter_scale=multiply_by_parameter_scale,
+                         momentum=momentum)
+
+
+def adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+         weight_decay: float = 0.0):
+  """Adam (AdamW when weight_decay > 0)."""
+  if weight_decay:
+    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def masked_optimizer(base: optax.GradientTransformation, labels: dict):
+  """`base` for trainable leaves, `set_to_zero` (stateless) for frozen ones."""
+  return optax.multi_transform({TRAINABLE: base, FROZEN: optax.set_to_zero()}, labels)

@@ -1,0 +1,73 @@
+"""A soft prompt as a PEFT prompt-tuning adapter directory, both ways, without torch.
+
+PEFT's format: `adapter_config.json` (peft_type PROMPT_TUNING) and `adapter_model.safetensors`
+holding `prompt_embeddings` [num_virtual_tokens * num_transformer_submodules, token_dim]. Ours is
+an encoder-side prompt, so `num_transformer_submodules` is 1 (PEFT's seq2seq default of 2 would
+also prepend a second prompt to the decoder).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Optional
+
+import numpy as np
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PROMPT_KEY = "prompt_embeddings"
+
+
+def save_peft_adapter(directory, prompt_PxH, *, num_layers: int, num_heads: int,
+                      base_model_name_or_path: Optional[str] = None) -> pathlib.Path:
+  """Writes a directory that `peft.PeftModel.from_pretrained(hf_t5, directory)` loads."""
+  from safetensors.numpy import save_file
+  prompt = np.ascontiguousarray(np.asarray(prompt_PxH, np.float32))
+  if prompt.ndim != 2:
+    raise ValueError(f"a PEFT prompt is [num_virtual_tokens, token_dim], got {prompt.shape}")
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  config = {
+      "peft_type": "PROMPT_TUNING", "task_type": "SEQ_2_SEQ_LM",
+      "num_virtual_tokens": int(prompt.shape[0]), "token_dim": int(prompt.shape[1]),
+      "num_transformer_submodules": 1, "num_attention_heads": int(num_heads),
+      "num_layers": int(num_layers), "prompt_tuning_init": "RANDOM",
+      "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
+      "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+      "revision": None, "modules_to_save": None, "auto_mapping": None,
+  }
+  save_file({PROMPT_KEY: prompt}, str(directory / ADAPTER_WEIGHTS))
+  (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+  return directory
+
+
+def load_peft_adapter(directory) -> np.ndarray:
+  """The encoder prompt [P, H] of a PEFT prompt-tuning adapter directory."""
+  from safetensors.numpy import load_file
+  directory = pathlib.Path(directory)
+  config_path = directory / ADAPTER_CONFIG
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter directory")
+  config = json.loads(config_path.read_text())
+  if config.get("peft_type") != "PROMPT_TUNING":
+    raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only "
+                     "PROMPT_TUNING adapters hold a soft prompt")
+  weights_path = directory / ADAPTER_WEIGHTS
+  if not weights_path.is_file():
+    bin_path = directory / "adapter_model.bin"
+    hint = (" (a pickled adapter_model.bin is refused: re-save it with safetensors)"
+            if bin_path.exists() else "")
+    raise FileNotFoundError(f"{weights_path} not found{hint}")
+  weights = load_file(str(weights_path))
+  if PROMPT_KEY not in weights:
+    raise ValueError(f"{weights_path}: no '{PROMPT_KEY}' tensor (found {sorted(weights)})")
+  prompt = np.asarray(weights[PROMPT_KEY], np.float32)
+  tokens = int(config["num_virtual_tokens"])
+  if config.get("num_transformer_submodules", 1) not in (1, None):
+    # PEFT stores [encoder prompt; decoder prompt]; the encoder part is the first P rows.
+    prompt = prompt[:tokens]
+  if prompt.shape[0] != tokens:
+    raise ValueError(f"{weights_path}: {PROMPT_KEY} has {prompt.shape[0]} rows but "
+                     f"num_virtual_tokens is {tokens}")
+  return prompt

@@ -1,0 +1,115 @@
+"""PromptedT5: the frozen T5 with a learnable soft prompt spliced into its embedded input.
+
+The parameter tree is T5's exactly, plus `prompt/prompt` ([P, H], or [N, P, H] for a bank of N
+task prompts), so a T5 checkpoint drops in unchanged. The prompt module only returns the prompt;
+splicing it into the inputs is a separate function (`prepend` / `append`), as in the paper's code.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from softprompt_jax import prompts
+from softprompt_jax.t5 import T5, param_with_axes
+
+
+class Prompt(nn.Module):
+  """The learnable prompt matrix; `embedding_VxH` feeds vocabulary-based initializers."""
+  length: int
+  features: int
+  num_prompts: Optional[int] = None
+  init_fn: Callable = prompts.random_uniform()
+
+  @nn.compact
+  def __call__(self, embedding_VxH):
+    if self.num_prompts is None:
+      shape, axes = (self.length, self.features), ("prompt", "embed")
+    else:
+      shape, axes = (self.num_prompts, self.length, self.features), ("prompts", "prompt", "embed")
+    init = lambda rng, shape, dtype: self.init_fn(rng, shape, embedding_VxH)
+    return param_with_axes(self, "prompt", init, shape, axes)
+
+
+def prepend(x_BxTxH, valid_BxT, prompt_BxPxH):
+  """Prompt first: it takes positions 0..P-1 and is always attended to."""
+  b, p = prompt_BxPxH.shape[:2]
+  x = jnp.concatenate([prompt_BxPxH.astype(x_BxTxH.dtype), x_BxTxH], axis=1)
+  valid = jnp.concatenate([jnp.ones((b, p), bool), valid_BxT], axis=1)
+  return x, valid
+
+
+def append(x_BxTxH, valid_BxT, prompt_BxPxH):
+  """Prompt right after each example's last real token (not after its padding).
+
+  Relative positions then put the prompt at the same distance from the text whatever the padding.
+  Assumes right-padded inputs, as T5 batches are.
+  """
+  b, t = valid_BxT.shape
+  p = prompt_BxPxH.shape[1]
+  lengths_B = jnp.sum(valid_BxT, axis=1)
+  joined = jnp.concatenate([x_BxTxH, prompt_BxPxH.astype(x_BxTxH.dtype)], axis=1)
+  j = jnp.arange(t + p)[None, :]
+  in_text = j < lengths_B[:, None]
+  in_prompt = (~in_text) & (j < lengths_B[:, None] + p)
+  # Index into `joined`: text tokens, then prompt rows (stored at t..t+p-1), then padding.
+  source_BxL = jnp.where(in_text, j, jnp.where(in_prompt, t + j - lengths_B[:, None], j - p))
+  x = jnp.take_along_axis(joined, source_BxL[:, :, None], axis=1)
+  return x, in_text | in_prompt
+
+
+PLACEMENTS = {"prepend": prepend, "append": append}
+
+
+class PromptedT5(T5):
+  """T5 with a soft prompt. `apply(params, encoder_input_tokens, decoder_input_tokens)` -> logits.
+
+  With `num_prompts=N` the prompt is a bank [N, P, H] and each call takes `prompt_ids` [B]: one
+  frozen model serves many tasks in one batch.
+  """
+  prompt_length: int = 100
+  prompt_init: Callable = prompts.random_uniform()
+  num_prompts: Optional[int] = None
+  placement: str = "prepend"
+
+  def setup(self):
+    super().setup()
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f"PromptedT5.placement: {self.placement!r}; use one of {list(PLACEMENTS)}")
+    self.prompt = Prompt(self.prompt_length, self.config.emb_dim, self.num_prompts,
+                         self.prompt_init)
+
+  def encoder_inputs(self, encoder_input_tokens_BxT, prompt_ids=None):
+    x_BxTxH = self.token_embedder(encoder_input_tokens_BxT)
+    valid_BxT = encoder_input_tokens_BxT > 0
+    prompt = self.prompt(self.token_embedder.embedding)
+    b = encoder_input_tokens_BxT.shape[0]
+    if self.num_prompts is None:
+      if prompt_ids is not None:
+        raise ValueError("prompt_ids given, but this PromptedT5 has a single prompt; "
+                         "set num_prompts to use a prompt bank")
+      prompt_BxPxH = jnp.broadcast_to(prompt, (b,) + prompt.shape)
+    else:
+      if prompt_ids is None:
+        raise ValueError(f"this PromptedT5 has a bank of {self.num_prompts} prompts: pass "
+                         "prompt_ids [batch] to choose each example's prompt")
+      prompt_BxPxH = jnp.take(prompt, jnp.asarray(prompt_ids, jnp.int32), axis=0)
+    return PLACEMENTS[self.placement](x_BxTxH, valid_BxT, prompt_BxPxH)
+
+
+def make_prompted_params(model: PromptedT5, t5_params: dict, rng: jax.Array,
+                         prompt_values=None) -> dict:
+  """T5 params plus a prompt made from the real (loaded) embedding table.
+
+  `prompt_values` ([P, H] or the bank's shape) overrides the module's initializer.
+  """
+  shape = ((model.prompt_length, model.config.emb_dim) if model.num_prompts is None
+           else (model.num_prompts, model.prompt_length, model.config.emb_dim))
+  init = model.prompt_init if prompt_values is None else prompts.from_array(prompt_values)
+  prompt = init(rng, shape, t5_params["token_embedder"]["embedding"])
+  if "prompt" in t5_params:
+    raise ValueError("these params already hold a prompt; pass the frozen T5's params")
+  return {**t5_params, "prompt": {"prompt": jnp.asarray(prompt, jnp.float32)}}

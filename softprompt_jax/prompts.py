@@ -1,0 +1,206 @@
+"""Soft-prompt initializers: plain functions returning `init(rng, shape, embedding_VxH) -> [P, H]`.
+
+Each factory is a plain function (gin-configurable) that closes over its settings; the returned
+initializer gets the frozen model's token-embedding table when the prompt is made, so the
+vocabulary-based initializations use the real pretrained embeddings, not random ones.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PromptInit = Callable[[jax.Array, tuple, jax.Array], jax.Array]
+
+# Ids below this are pad/eos/unk in T5's vocabularies; never sampled as prompt seeds.
+NUM_SPECIAL_IDS = 3
+
+
+class PromptShapeError(ValueError):
+  """A prompt's shape does not fit the model: both shapes are in the message."""
+
+
+def random_uniform(scale: float = 0.5) -> PromptInit:
+  """Uniform in [-scale, scale], the paper's random init (scale 0.5).
+
+  Note: the official prompt-tuning code's `uniform(0.5)` is flax's uniform initializer, which
+  draws from [0, 0.5) — a different, all-positive distribution. This one is symmetric.
+  """
+
+  def init(rng, shape, embedding_VxH=None):
+    del embedding_VxH
+    return jax.random.uniform(rng, shape, jnp.float32, -scale, scale)
+
+  return init
+
+
+def _sample_rows(rng, embedding_VxH, count: int, num_tokens: int):
+  vocab = embedding_VxH.shape[0]
+  high = min(vocab, NUM_SPECIAL_IDS + num_tokens)
+  if high <= NUM_SPECIAL_IDS:
+    raise ValueError(f"sampled_vocab: num_tokens={num_tokens} leaves no token to sample from a "
+                     f"vocabulary of {vocab}")
+  ids = jax.random.randint(rng, (count,), NUM_SPECIAL_IDS, high)
+  return jnp.take(embedding_VxH, ids, axis=0).astype(jnp.float32)
+
+
+def sampled_vocab(num_tokens: int = 5000) -> PromptInit:
+  """Each prompt vector is the embedding of a token drawn from the `num_tokens` most frequent.
+
+  SentencePiece orders pieces by score (about frequency), so the most frequent tokens are the
+  lowest ids after pad/eos/unk; the paper uses the 5,000 most frequent.
+  """
+
+  def init(rng, shape, embedding_VxH):
+    _require_embedding(embedding_VxH, "sampled_vocab")
+    rows = _sample_rows(rng, embedding_VxH, int(np.prod(shape[:-1])), num_tokens)
+    return rows.reshape(shape)
+
+  return init
+
+
+def _embed_sequences(embedding_VxH, token_id_lists):
+  """Average of each id list's embeddings -> [len(lists), H]."""
+  rows = []
+  for ids in token_id_lists:
+    rows.append(jnp.mean(jnp.take(embedding_VxH, jnp.asarray(ids, jnp.int32), axis=0), axis=0))
+  return jnp.stack(rows).astype(jnp.float32)
+
+
+def class_labels(labels: Sequence[str], vocabulary, num_tokens: int = 5000) -> PromptInit:
+  """First slots: each label's (verbalizer's) sub-token embeddings averaged; rest sampled.
+
+  The paper's best initialization. A prompt shorter than the label set is an error rather than
+  a silent truncation of labels.
+  """
+  label_ids = [vocabulary.encode(label) for label in labels]
+  empty = [label for label, ids in zip(labels, label_ids) if not ids]
+  if empty:
+    raise ValueError(f"class_labels: labels {empty} encode to no tokens")
+
+  def init(rng, shape, embedding_VxH):
+    _require_embedding(embedding_VxH, "class_labels")
+    length = shape[-2]
+    if len(label_ids) > length:
+      raise PromptShapeError(f"class_labels: {len(label_ids)} labels do not fit a prompt of "
+                             f"length {length}; use prompt_length >= {len(label_ids)}")
+    return _fill(rng, shape, embedding_VxH, _embed_sequences(embedding_VxH, label_ids),
+                 num_tokens)
+
+  return init
+
+
+def from_text(text: str, vocabulary, num_tokens: int = 5000) -> PromptInit:
+  """First slots: the embeddings of `text`'s tokens in order (e.g. a written instruction)."""
+  ids = vocabulary.encode(text)
+  if not ids:
+    raise ValueError(f"from_text: {text!r} encodes to no tokens")
+
+  def init(rng, shape, embedding_VxH):
+    _require_embedding(embedding_VxH, "from_text")
+    if len(ids) > shape[-2]:
+      raise PromptShapeError(f"from_text: the text has {len(ids)} tokens but the prompt length is "
+                             f"{shape[-2]}; shorten the text or lengthen the prompt")
+    return _fill(rng, shape, embedding_VxH, _embed_sequences(embedding_VxH, [[i] for i in ids]),
+                 num_tokens)
+
+  return init
+
+
+def _fill(rng, shape, embedding_VxH, head_KxH, num_tokens):
+  """[..., P, H]: `head_KxH` in the first K slots of every prompt, sampled vocabulary after."""
+  length = shape[-2]
+  lead = int(np.prod(shape[:-2]))
+  rest = _sample_rows(rng, embedding_VxH, lead * (length - head_KxH.shape[0]), num_tokens)
+  rest = rest.reshape(lead, length - head_KxH.shape[0], shape[-1])
+  head = jnp.broadcast_to(head_KxH, (lead,) + head_KxH.shape)
+  return jnp.concatenate([head, rest], axis=1).reshape(shape)
+
+
+def from_array(values) -> PromptInit:
+  """A fixed [P, H] (or [N, P, H]) array; a shape mismatch names both shapes."""
+  values = np.asarray(values, np.float32)
+
+  def init(rng, shape, embedding_VxH=None):
+    del rng, embedding_VxH
+    if tuple(values.shape) != tuple(shape):
+      raise PromptShapeError(f"prompt values have shape {tuple(values.shape)} but the model's "
+                             f"prompt is {tuple(shape)} ([prompt_length, d_model])")
+    return jnp.asarray(values)
+
+  return init
+
+
+def from_npy(path: str) -> PromptInit:
+  """A prompt saved as `.npy` float32 [P, H] (the released prompts' format); never unpickles."""
+  values = load_npy(path)
+  inner = from_array(values)
+
+  def init(rng, shape, embedding_VxH=None):
+    try:
+      return inner(rng, shape, embedding_VxH)
+    except PromptShapeError as e:
+      raise PromptShapeError(f"{path}: {e}") from None
+
+  return init
+
+
+def load_npy(path: str) -> np.ndarray:
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"prompt file {path} does not exist")
+  try:
+    values = np.load(path, allow_pickle=False)
+  except ValueError as e:
+    raise ValueError(f"{path}: not a plain .npy array (pickled objects are refused): {e}") from None
+  if values.ndim not in (2, 3) or not np.issubdtype(values.dtype, np.floating):
+    raise PromptShapeError(f"{path}: expected a float [prompt_length, d_model] array, got "
+                           f"{values.dtype} {values.shape}")
+  return values.astype(np.float32)
+
+
+def save_npy(path: str, prompt_PxH) -> None:
+  """Writes [P, H] float32 `.npy`, the format the released prompts use."""
+  values = np.asarray(prompt_PxH, np.float32)
+  if values.ndim != 2:
+    raise PromptShapeError(f"save_npy: a prompt is [prompt_length, d_model], got {values.shape}")
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "wb") as f:
+    np.save(f, values, allow_pickle=False)
+  tmp.replace(path)  # atomic: a crash never leaves a half-written prompt under the final name
+
+
+def from_t5x_checkpoint(path: str, variable: str = "prompt/prompt") -> PromptInit:
+  """A prompt variable stored in a t5x checkpoint (e.g. a prompt-tuning run's output)."""
+  from softprompt_jax.checkpoints.prompt_variable import read_checkpoint_variable
+  values = read_checkpoint_variable(path, variable)
+  inner = from_array(values)
+
+  def init(rng, shape, embedding_VxH=None):
+    try:
+      return inner(rng, shape, embedding_VxH)
+    except PromptShapeError as e:
+      raise PromptShapeError(f"{path} ({variable}): {e}") from None
+
+  return init
+
+
+def _require_embedding(embedding_VxH: Optional[jax.Array], name: str):
+  if embedding_VxH is None:
+    raise ValueError(f"{name} initialization needs the model's token embedding table")
+
+
+INITIALIZERS = {
+    "random_uniform": random_uniform,
+    "sampled_vocab": sampled_vocab,
+    "class_labels": class_labels,
+    "from_text": from_text,
+    "from_npy": from_npy,
+    "from_t5x_checkpoint": from_t5x_checkpoint,
+}

@@ -1,0 +1,235 @@
+"""Vocabularies: text <-> token ids, as seqio's SentencePieceVocabulary and ByteVocabulary do.
+
+Every vocabulary here reserves pad 0, eos 1 and unk 2. `encode` never adds EOS; `decode` stops at
+the first EOS. `encode_batch` makes the fixed-length int32 arrays the model reads.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import pathlib
+import struct
+import threading
+import warnings
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+
+
+class Vocabulary(abc.ABC):
+  """What the data pipeline needs from a vocabulary."""
+
+  pad_id: int = PAD_ID
+  eos_id: int = EOS_ID
+  unk_id: int = UNK_ID
+
+  @property
+  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    """Number of ids, sentinels included (the model's embedding may have more rows)."""
+
+  @abc.abstractmethod
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without EOS."""
+
+  @abc.abstractmethod
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids` up to the first EOS."""
+
+  def encode_batch(self, texts: Sequence[str], max_length: int,
+                   add_eos: bool = True) -> np.ndarray:
+    """int32 [len(texts), max_length]: each text encoded, trimmed, EOS added, padded with 0.
+
+    With `add_eos`, EOS is appended after trimming (seqio's `append_eos_after_trim`), so every row
+    ends in EOS. To count the trimmed texts, call `pad_batch` on `encode`'s output instead.
+    """
+    ids, _ = pad_batch([self.encode(t) for t in texts], max_length,
+                       eos_id=self.eos_id if add_eos else None, pad_id=self.pad_id)
+    return ids
+
+  def decode_batch(self, ids_BxL: Iterable[Iterable[int]]) -> list[str]:
+    return [self.decode(row) for row in ids_BxL]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], max_length: int, *, eos_id: int | None = None,
+              pad_id: int = PAD_ID) -> tuple[np.ndarray, int]:
+  """(int32 [len(sequences), max_length], number of sequences that were cut).
+
+  Each sequence is trimmed to fit, then `eos_id` (if given) is appended, then pad_id fills the rest.
+  """
+  if max_length < 1:
+    raise ValueError(f"pad_batch: max_length must be at least 1; got {max_length}")
+  room = max_length - (eos_id is not None)
+  ids_BxL = np.full((len(sequences), max_length), pad_id, dtype=np.int32)
+  num_truncated = 0
+  for row, seq in enumerate(sequences):
+    seq = list(seq)
+    num_truncated += len(seq) > room
+    seq = seq[:room] + ([eos_id] if eos_id is not None else [])
+    ids_BxL[row, :len(seq)] = seq
+  return ids_BxL, num_truncated
+
+
+def sentinel_id(vocab: Vocabulary, index: int = 0) -> int:
+  """Id of the `index`-th span-corruption sentinel: counted down from the top of the vocabulary.
+
+  seqio's rule (`vocab_size - 1 - index`): `<extra_id_0>` = 32099 for T5's vocabulary; for ByT5,
+  which has no extra ids, the top byte ids 258, 257, ... (bytes 0xFF, 0xFE, ...).
+  """
+  return vocab.vocab_size - 1 - index
+
+
+def _as_id_list(ids: Iterable[int]) -> list[int]:
+  if not hasattr(ids, "__len__"):  # a generator
+    ids = list(ids)
+  ids = np.asarray(ids, dtype=np.int64)
+  if ids.ndim != 1:
+    raise ValueError(f"decode takes one sequence of ids; got shape {ids.shape} "
+                     "(use decode_batch for a batch)")
+  return ids.tolist()
+
+
+def _check_text(text: str) -> None:
+  if not isinstance(text, str):
+    raise TypeError(f"encode takes one str; got {type(text).__name__} (use encode_batch for many)")
+
+
+def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
+  return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+# --- SentencePiece ---------------------------------------------------------------------------
+
+# sentencepiece's ModelProto.SentencePiece.Type.USER_DEFINED: matched verbatim, never split.
+_USER_DEFINED = 4
+# Loading a serialized model is not thread-safe in sentencepiece (seqio met crashes without a lock).
+_LOAD_LOCK = threading.Lock()
+
+
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while True:
+    byte, n = n & 0x7F, n >> 7
+    out.append(byte | (0x80 if n else 0))
+    if not n:
+      return bytes(out)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+  return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _user_defined_pieces(pieces: Sequence[str]) -> bytes:
+  """Serialized `ModelProto.pieces` entries (field 1) for `pieces`, score 0, USER_DEFINED.
+
+  Concatenating these to a serialized ModelProto appends them to its repeated `pieces` field (the
+  protobuf wire format merges repeated fields), which is what seqio does through protobuf's
+  `model.pieces.add(...)`; writing the few bytes by hand spares the library a protobuf dependency.
+  """
+  out = []
+  for piece in pieces:
+    entry = (_length_delimited(1, piece.encode("utf-8"))     # piece: string
+             + _varint(2 << 3 | 5) + struct.pack("<f", 0.0)  # score: float (fixed32)
+             + _varint(3 << 3 | 0) + _varint(_USER_DEFINED))  # type: enum
+    out.append(_length_delimited(1, entry))
+  return b"".join(out)
+
+
+class SentencePieceVocabulary(Vocabulary):
+  """T5's SentencePiece vocabulary plus `extra_ids` sentinels, as seqio's SentencePieceVocabulary.
+
+  The sentinels take the ids above the model's pieces in reverse: `<extra_id_0>` is the highest id
+  (32099 for T5's 32000-piece model), `<extra_id_{extra_ids-1}>` the lowest. As in seqio they are
+  added to the model as user-defined pieces `▁<extra_id_N>`, so `<extra_id_N>` written in the text
+  maps to its id only at a word start (after a space or at the beginning): "and <extra_id_0>ly" is
+  fine, "jel<extra_id_0>" is encoded as plain characters.
+  """
+
+  def __init__(self, model_file: str | os.PathLike, extra_ids: int = 100):
+    self.model_file = os.fspath(model_file)
+    self.extra_ids = int(extra_ids)
+    try:
+      model_bytes = pathlib.Path(self.model_file).read_bytes()
+    except FileNotFoundError:
+      raise FileNotFoundError(f"SentencePiece model file not found: {self.model_file}") from None
+    except OSError as e:
+      raise OSError(f"cannot read SentencePiece model file {self.model_file}: {e}") from e
+    # Reversed so that <extra_id_0> gets the highest id, as T5's span corruption expects.
+    sentinels = [f"\u2581<extra_id_{i}>" for i in reversed(range(self.extra_ids))]
+    self._sp = sentencepiece.SentencePieceProcessor()
+    try:
+      with _LOAD_LOCK:
+        self._sp.LoadFromSerializedProto(model_bytes + _user_defined_pieces(sentinels))
+    except RuntimeError as e:
+      raise ValueError(f"{self.model_file} is not a SentencePiece model: {e}") from None
+    if self._sp.pad_id() != PAD_ID:
+      warnings.warn(f"{self.model_file}: the model's pad id is {self._sp.pad_id()}; "
+                    f"T5 pads with {PAD_ID} and so does this vocabulary")
+    self.eos_id = self._sp.eos_id()
+    self.unk_id = self._sp.unk_id()
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    _check_text(text)
+    return self._sp.encode(text)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    # As seqio: ids past the vocabulary (the embedding's padding rows) read as unk.
+    ids = [i if 0 <= i < self.vocab_size else self.unk_id for i in _as_id_list(ids)]
+    return self._sp.decode(_cut_at_eos(ids, self.eos_id))
+
+  def __repr__(self) -> str:
+    return f"SentencePieceVocabulary({self.model_file!r}, extra_ids={self.extra_ids})"
+
+
+# --- Bytes -----------------------------------------------------------------------------------
+
+class ByteVocabulary(Vocabulary):
+  """ByT5's vocabulary, as seqio's ByteVocabulary: id = UTF-8 byte + 3 after pad, eos and unk.
+
+  vocab_size is 259 (ByT5 checkpoints pad the embedding to 384 rows). There are no extra ids and
+  `<extra_id_N>` in the text is just bytes: ByT5's span corruption reuses the top byte ids as
+  sentinels (`sentinel_id`: 258, 257, ... = bytes 0xFF, 0xFE, ...), which decode like any byte.
+  """
+
+  _NUM_SPECIAL = 3
+
+  @property
+  def vocab_size(self) -> int:
+    return 256 + self._NUM_SPECIAL
+
+  def encode(self, text: str) -> list[int]:
+    _check_text(text)
+    return [b + self._NUM_SPECIAL for b in text.encode("utf-8")]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    ids = _cut_at_eos(_as_id_list(ids), self.eos_id)
+    data = bytes(i - self._NUM_SPECIAL for i in ids if self._NUM_SPECIAL <= i < self.vocab_size)
+    # Bytes that are not valid UTF-8 (a cut-off character, sentinels such as 0xFF) are dropped,
+    # as ByT5 does.
+    return data.decode("utf-8", errors="ignore")
+
+  def __repr__(self) -> str:
+    return "ByteVocabulary()"
+
+
+def get_vocabulary(spec: str | os.PathLike | Vocabulary, extra_ids: int = 100) -> Vocabulary:
+  """'byte' or 'byt5' -> ByteVocabulary; a SentencePiece .model path -> SentencePieceVocabulary."""
+  if isinstance(spec, Vocabulary):
+    return spec
+  name = os.fspath(spec)
+  if name.lower() in ("byte", "byt5"):
+    return ByteVocabulary()
+  if name.endswith(".model") or os.path.exists(name):
+    return SentencePieceVocabulary(name, extra_ids=extra_ids)
+  raise ValueError(f"unknown vocabulary {name!r}: use 'byte' / 'byt5' or the path of a "
+                   "SentencePiece .model file")

@@ -1,0 +1,133 @@
+"""The jitted train and eval steps: loss, gradient of the trainable subtree only, optax update.
+
+State that changes during training (`TrainState`: step, trainable params, optimizer state) is kept
+apart from the frozen params, which are an input of every step and never an output: nothing of
+the frozen model is copied, differentiated or donated. Sharding (issue #4) reuses these functions
+by passing shardings to `jit_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from softprompt_jax import losses, optim
+
+Batch = dict[str, jax.Array]
+ENCODER_KWARGS = ("prompt_ids",)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  trainable: dict
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+  normalizer: losses.Normalizer = "num_real_target_tokens"
+
+
+def init_train_state(params: dict, labels: dict, optimizer: optax.GradientTransformation):
+  """(TrainState, frozen params). The optimizer sees the whole tree: its state holds slots only
+  for trainable leaves (set_to_zero, for frozen ones, is stateless)."""
+  trainable, frozen = optim.split_trainable(params, labels)
+  opt_state = optimizer.init(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state), frozen
+
+
+def _logits(model, params, batch, rng, enable_dropout):
+  encoder_kwargs = {k: batch[k] for k in ENCODER_KWARGS if k in batch}
+  return model.apply({"params": params}, batch["encoder_input_tokens"],
+                     batch["decoder_input_tokens"], batch.get("decoder_target_tokens"),
+                     enable_dropout=enable_dropout, rngs={"dropout": rng} if enable_dropout else {},
+                     **encoder_kwargs)
+
+
+def loss_fn(trainable, frozen, batch, rng, *, model, loss_config: LossConfig,
+            enable_dropout: bool):
+  logits = _logits(model, optim.merge(trainable, frozen), batch, rng, enable_dropout)
+  return losses.t5x_loss(logits, batch["decoder_target_tokens"], z_loss=loss_config.z_loss,
+                         label_smoothing=loss_config.label_smoothing,
+                         normalizer=loss_config.normalizer)
+
+
+def train_step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array, *, model,
+               optimizer: optax.GradientTransformation, loss_config: LossConfig = LossConfig()):
+  """One optimizer step; returns (new state, metrics). Dropout is on (the model's rate)."""
+  step_rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, loss_config=loss_config,
+                                                 enable_dropout=True), has_aux=True)
+  (loss, aux), grads = grad_fn(state.trainable, frozen, batch, step_rng)
+  # The optimizer runs over the whole tree so its labels decide what moves; the frozen part of
+  # this gradient is zeros whose updates are discarded, which XLA removes entirely.
+  full_grads = optim.merge(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen))
+  updates, opt_state = optimizer.update(full_grads, state.opt_state,
+                                        optim.merge(state.trainable, frozen))
+  trainable_updates, _ = optim.split_trainable(updates, _labels_like(state.trainable, updates))
+  trainable = optax.apply_updates(state.trainable, trainable_updates)
+  metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads)}
+  return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+
+def _labels_like(trainable, full_tree):
+  """Labels marking exactly the paths of `trainable` inside `full_tree`."""
+  from flax.traverse_util import flatten_dict, unflatten_dict
+  keep = set(flatten_dict(trainable))
+  return unflatten_dict({k: optim.TRAINABLE if k in keep else optim.FROZEN
+                         for k in flatten_dict(full_tree)})
+
+
+def eval_step(state: TrainState, frozen: dict, batch: Batch, *, model,
+              loss_config: LossConfig = LossConfig()):
+  """Loss and token accuracy without dropout; sums, so hosts and batches aggregate exactly."""
+  logits = _logits(model, optim.merge(state.trainable, frozen), batch, None, False)
+  targets = batch["decoder_target_tokens"]
+  loss, aux = losses.t5x_loss(logits, targets, z_loss=loss_config.z_loss,
+                              label_smoothing=loss_config.label_smoothing,
+                              normalizer="sum")
+  weights = (targets > 0).astype(jnp.float32)
+  correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+  return {"loss_sum": loss, "cross_entropy_sum": aux["cross_entropy"],
+          "num_tokens": aux["num_tokens"], "correct_tokens": correct}
+
+
+def jit_steps(model, optimizer: optax.GradientTransformation,
+              loss_config: LossConfig = LossConfig(), *, state_sharding=None,
+              frozen_sharding=None, batch_sharding=None,
+              replicated=None) -> tuple[Callable, Callable]:
+  """(train_step, eval_step) jitted; the TrainState buffers are donated to the new state.
+
+  With shardings (issue #4) both steps compile for the mesh; without, for one device.
+  """
+  train = functools.partial(train_step, model=model, optimizer=optimizer,
+                            loss_config=loss_config)
+  evaluate = functools.partial(eval_step, model=model, loss_config=loss_config)
+  if state_sharding is None:
+    return jax.jit(train, donate_argnums=(0,)), jax.jit(evaluate)
+  train_jit = jax.jit(train, donate_argnums=(0,),
+                      in_shardings=(state_sharding, frozen_sharding, batch_sharding, replicated),
+                      out_shardings=(state_sharding, replicated))
+  eval_jit = jax.jit(evaluate, in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+                     out_shardings=replicated)
+  return train_jit, eval_jit
+
+
+def make_batch(encoder_input_tokens, target_tokens, prompt_ids: Optional[Any] = None) -> Batch:
+  """A t5x-style batch: decoder inputs are the targets shifted right, starting with 0."""
+  targets = jnp.asarray(target_tokens, jnp.int32)
+  decoder_inputs = jnp.concatenate([jnp.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+  batch = {"encoder_input_tokens": jnp.asarray(encoder_input_tokens, jnp.int32),
+           "decoder_input_tokens": decoder_inputs, "decoder_target_tokens": targets}
+  if prompt_ids is not None:
+    batch["prompt_ids"] = jnp.asarray(prompt_ids, jnp.int32)
+  return batch
