@@ -315,7 +315,9 @@ class Decoder(nn.Module):
     relpos = RelativePositionBiases(c.relative_attention_num_buckets,
                                     c.relative_attention_max_distance, c.num_heads, dt,
                                     name="relpos_bias")
-    if decode and s == 1:
+    # A step needs the cache; the first decode=True call creates it, even when s == 1.
+    step = decode and s == 1 and self.has_variable("cache", "layers_0")
+    if step:
       # One step: the cache supplies the causal mask; the bias row is sliced at the position.
       self_bias = relpos(max_decode_length, max_decode_length, bidirectional=False)
       index = self._step_index()
@@ -326,7 +328,7 @@ class Decoder(nn.Module):
       self_bias = self_bias + jnp.where(causal_SxS, 0.0, MASK_BIAS)[None, None]
     if decoder_valid_BxS is None:
       decoder_valid_BxS = jnp.ones(decoder_input_tokens_BxS.shape, bool)
-    if not (decode and s == 1):
+    if not step:
       self_bias = self_bias + attention_mask_bias(decoder_valid_BxS, decoder_valid_BxS)
     cross_bias = attention_mask_bias(decoder_valid_BxS, encoder_valid_BxT)
 

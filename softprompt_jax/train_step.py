@@ -75,7 +75,7 @@ def train_step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array, *,
                                         optim.merge(state.trainable, frozen))
   trainable_updates, _ = optim.split_trainable(updates, _labels_like(state.trainable, updates))
   trainable = optax.apply_updates(state.trainable, trainable_updates)
-  metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads)}
+  metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
   return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 

@@ -105,3 +105,33 @@ def params_from_hf_state(state: Mapping[str, Any], config: T5Config) -> dict:
     array = np.asarray(state[hf_name])
     flat[tuple(path.split("/"))] = array.T if transpose else array
   return unflatten_dict(flat)
+
+
+def hf_state_from_params(params: Mapping[str, Any], config: T5Config) -> dict:
+  """{hf_name: numpy array} for a t5x params tree: the inverse of `params_from_hf_state`."""
+  from flax.traverse_util import flatten_dict
+  import numpy as np
+  flat = flatten_dict(params, sep="/")
+  state = {}
+  for hf_name, (path, transpose) in hf_name_map(config).items():
+    array = np.asarray(flat[path], np.float32)
+    state[hf_name] = np.ascontiguousarray(array.T if transpose else array)
+  return state
+
+
+def hf_config_dict(config: T5Config) -> dict:
+  """A Hugging Face `config.json` dict describing `config` (the inverse of `config_from_hf`)."""
+  gated = len(config.mlp_activations) > 1
+  act = "gelu_new" if config.mlp_activations[0] == "gelu" else config.mlp_activations[0]
+  return {
+      "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+      "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
+      "d_ff": config.mlp_dim, "num_layers": config.num_encoder_layers,
+      "num_decoder_layers": config.num_decoder_layers, "num_heads": config.num_heads,
+      "relative_attention_num_buckets": config.relative_attention_num_buckets,
+      "relative_attention_max_distance": config.relative_attention_max_distance,
+      "dropout_rate": config.dropout_rate, "layer_norm_epsilon": config.layer_norm_epsilon,
+      "feed_forward_proj": f"gated-{act}" if gated else act, "is_encoder_decoder": True,
+      "tie_word_embeddings": config.logits_via_embedding,
+      "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+  }
