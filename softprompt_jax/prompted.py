@@ -27,9 +27,9 @@ class Prompt(nn.Module):
   @nn.compact
   def __call__(self, embedding_VxH):
     if self.num_prompts is None:
-      shape, axes = (self.length, self.features), ("prompt", "embed")
+      shape, axes = (self.length, self.features), ("prompt", "prompt_embed")
     else:
-      shape, axes = (self.num_prompts, self.length, self.features), ("prompts", "prompt", "embed")
+      shape, axes = (self.num_prompts, self.length, self.features), ("prompts", "prompt", "prompt_embed")
     init = lambda rng, shape, dtype: self.init_fn(rng, shape, embedding_VxH)
     return param_with_axes(self, "prompt", init, shape, axes)
 

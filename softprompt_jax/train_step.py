@@ -41,6 +41,8 @@ def init_train_state(params: dict, labels: dict, optimizer: optax.GradientTransf
   """(TrainState, frozen params). The optimizer sees the whole tree: its state holds slots only
   for trainable leaves (set_to_zero, for frozen ones, is stateless)."""
   trainable, frozen = optim.split_trainable(params, labels)
+  # The step donates the state's buffers; copy so the caller's `params` stay valid.
+  trainable = jax.tree_util.tree_map(jnp.copy, trainable)
   opt_state = optimizer.init(params)
   return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state), frozen
 

@@ -40,7 +40,7 @@ def test_tree_is_t5_tree_plus_one_prompt_leaf(t5_params):
   assert ours[prompt_path].shape == (PROMPT_LENGTH, CONFIG.emb_dim)
   assert all(ours[k].shape == t5[k].shape for k in t5)
   axes = flatten_dict(sj.logical_axes(model), sep="/")
-  assert axes[prompt_path] == ("prompt", "embed")
+  assert axes[prompt_path] == ("prompt", "prompt_embed")
 
 
 def test_prompt_is_seen_and_a_zero_length_effect_is_not_faked(t5_params):
