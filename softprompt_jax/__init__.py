@@ -1,9 +1,11 @@
 """softprompt_jax: prompt tuning for a frozen T5 in JAX/Flax, compatible with t5x."""
 
+from softprompt_jax.data import get_task
 from softprompt_jax.loading import load_t5
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
 from softprompt_jax.t5 import T5, init_params, logical_axes
 from softprompt_jax.t5_config import SIZES, T5Config, t5_config, tiny_config
 
-__all__ = ["PromptedT5", "SIZES", "T5", "T5Config", "init_params", "load_t5", "logical_axes",
+__all__ = ["PromptedT5", "SIZES", "T5", "T5Config", "get_task", "init_params", "load_t5",
+           "logical_axes",
            "make_prompted_params", "t5_config", "tiny_config"]

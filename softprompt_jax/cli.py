@@ -9,7 +9,9 @@ import tempfile
 import time
 
 
-def _generate(args) -> int:
+def _generate(args, extra=()) -> int:
+  if extra:
+    raise SystemExit(f"softprompt-jax generate: unknown arguments {extra}")
   import jax
   import numpy as np
 
@@ -59,9 +61,69 @@ def _write_tiny_random_checkpoint(directory: pathlib.Path, seed: int) -> pathlib
   return save_hf_t5(directory, params, config)
 
 
+def _gin_run(args, extra) -> int:
+  """train / eval / infer / interpret: parse gin as t5x does, then call the bound function."""
+  import gin
+
+  from softprompt_jax import gin_setup
+  bindings = list(args.gin_bindings)
+  for item in extra:
+    if not item.startswith("--gin."):
+      raise SystemExit(f"softprompt-jax {args.command}: unknown argument {item!r} (gin bindings "
+                       "are written --gin.PARAM=VALUE)")
+    bindings.append(item[len("--gin."):])
+  if not args.gin_file and args.command != "interpret":
+    raise SystemExit(f"softprompt-jax {args.command}: give at least one --gin_file (e.g. "
+                     "runs/smoke.gin)")
+  gin_setup.parse(args.gin_file, bindings, args.model_dir)
+  configurables = gin_setup.register()
+  name = {"train": "train", "eval": "evaluate", "infer": "infer",
+          "interpret": "interpret"}[args.command]
+  if args.model_dir and args.command == "train":
+    run_dir = pathlib.Path(args.model_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.gin").write_text(gin.config_str())
+  if args.command == "interpret":
+    if not args.model_dir:
+      raise SystemExit("softprompt-jax interpret: give --model_dir (the run to read)")
+    result = configurables[name](model_dir=args.model_dir)
+    print(f"wrote {pathlib.Path(args.model_dir) / 'interpretation.json'}")
+    return 0
+  result = configurables[name]()
+  if args.model_dir and args.command == "train":
+    (pathlib.Path(args.model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
+  if args.command == "infer":
+    print(f"wrote {result} predictions")
+  return 0
+
+
+def _export(args, extra) -> int:
+  from softprompt_jax.inference import export_prompt
+  if extra:
+    raise SystemExit(f"softprompt-jax export: unknown arguments {extra}")
+  out = export_prompt(args.model_dir, args.out)
+  print(f"wrote {out}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="softprompt-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
+  for command, text in [("train", "prompt-tune (resumes when run again)"),
+                        ("eval", "evaluate a trained prompt on a split"),
+                        ("infer", "predict a JSONL file with a bank of prompts"),
+                        ("interpret", "nearest vocabulary tokens of a run's prompt")]:
+    p = sub.add_parser(command, help=text)
+    p.add_argument("--gin_file", action="append", default=[],
+                   help="gin file (repeatable, applied in order; looked up in ./ and configs/)")
+    p.add_argument("--gin_bindings", action="append", default=[],
+                   help="a gin binding, e.g. 'train.num_steps = 100' (also --gin.PARAM=VALUE)")
+    p.add_argument("--model_dir", help="the run directory; sets the gin macro MODEL_DIR")
+    p.set_defaults(run=_gin_run)
+  exp = sub.add_parser("export", help="write a run's best (else latest) prompt")
+  exp.add_argument("--model_dir", required=True)
+  exp.add_argument("--out", required=True, help="FILE.npy, or a directory for a PEFT adapter")
+  exp.set_defaults(run=_export)
   gen = sub.add_parser("generate", help="load a T5 checkpoint and decode some inputs")
   gen.add_argument("--checkpoint", help="t5x or Hugging Face checkpoint (default: a tiny random "
                    "model written on the fly)")
@@ -80,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  return args.run(args)
+  args, extra = build_parser().parse_known_args(argv)
+  return args.run(args, extra)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,290 @@
+"""Records -> fixed-length int32 batches of this host's rows, deterministic and resumable.
+
+The examples of a split (or of a mixture of tasks) form one stream; training walks it epoch
+after epoch, each epoch in its own permutation drawn from (seed, epoch), and a batch may span
+two epochs so that every batch is full. Global batch b holds stream positions b*B .. b*B+B-1;
+a host keeps only its `rows` of each and tokenizes only those. The iterator's whole state is
+the next stream position, so `restore(state())` continues exactly where it stopped.
+
+Evaluation is one pass in order; the last batch is filled with empty (all-pad) rows, which
+`Batch.mask` marks. Arrays are what the train / eval steps eat: `encoder_input_tokens` [R, T],
+`decoder_input_tokens` and `decoder_target_tokens` [R, S] (EOS appended after trimming, as
+seqio's append_eos_after_trim), and `prompt_ids` [R] for a prompt bank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from softprompt_jax.data.readers import DataError, Source, load_split
+from softprompt_jax.data.tasks import RecordError, Task, get_task
+from softprompt_jax.tokenizers import Vocabulary, get_vocabulary, pad_batch
+
+MIXING = ("proportional", "round_robin")
+
+
+@dataclasses.dataclass
+class Batch:
+  """One batch of this host's rows."""
+
+  arrays: dict[str, np.ndarray]  # int32; the jitted step's input
+  examples: list[dict | None]    # per row: the formatted example (+ "task", "record_index")
+  mask: np.ndarray               # bool [R]: real rows (False: eval padding)
+
+
+@dataclasses.dataclass
+class Stats:
+  """Counts over the batches this iterator (on this host) has produced."""
+
+  num_examples: int = 0
+  num_truncated_inputs: int = 0
+  num_truncated_targets: int = 0
+
+
+def _rows_slice(rows, batch_size: int) -> slice:
+  if rows is None:
+    return slice(0, batch_size)
+  start, stop, step = (rows.start, rows.stop, rows.step) if isinstance(rows, slice) else (
+      rows[0], rows[1], None)
+  start, stop = start or 0, batch_size if stop is None else stop
+  if step not in (None, 1) or not 0 <= start < stop <= batch_size:
+    raise ValueError(f"rows must be a contiguous slice within the global batch of "
+                     f"{batch_size}; got {rows}")
+  return slice(start, stop)
+
+
+class BatchIterator:
+  """Batches of one task or a mixture; see `get_batches`."""
+
+  def __init__(self, tasks: Sequence[Task], examples: Sequence[list[dict]],
+               vocabulary: Vocabulary, *, input_length: int, target_length: int,
+               batch_size: int, seed: int, shuffle: bool, repeat: bool, rows: slice,
+               prompt_ids: Sequence[int] | None, mixing: str):
+    self.tasks, self._examples = list(tasks), [list(e) for e in examples]
+    self.vocabulary = vocabulary
+    self.input_length, self.target_length = input_length, target_length
+    self.batch_size, self.seed, self.shuffle, self.repeat = batch_size, seed, shuffle, repeat
+    self.rows, self.prompt_ids, self.mixing = rows, prompt_ids, mixing
+    self.sizes = [len(e) for e in self._examples]
+    self._offsets = np.cumsum([0] + self.sizes)
+    self._permutations: dict[tuple[int, int], np.ndarray] = {}
+    self.position = 0
+    self.stats = Stats()
+    self.arrays_only = False  # next() gives Batch.arrays alone (train_batches)
+
+  @property
+  def num_examples(self) -> int:
+    """Examples in one pass over the data (all tasks)."""
+    return int(self._offsets[-1])
+
+  @property
+  def num_batches(self) -> int | None:
+    """Batches in one eval pass; None when repeating."""
+    return None if self.repeat else math.ceil(self.num_examples / self.batch_size)
+
+  # --- Position -> example ----------------------------------------------------------------------
+
+  def _order(self, stream: int, epoch: int, size: int) -> np.ndarray | None:
+    """The permutation of `stream` (-1: the whole mixture, k: task k) in `epoch`."""
+    if not self.shuffle:
+      return None
+    key = (stream, epoch)
+    if key not in self._permutations:
+      if len(self._permutations) > 8:  # training only ever looks at the last epoch or two
+        self._permutations.pop(next(iter(self._permutations)))
+      rng = np.random.default_rng([self.seed, epoch] + ([] if stream < 0 else [stream]))
+      self._permutations[key] = rng.permutation(size)
+    return self._permutations[key]
+
+  def _example(self, position: int) -> dict | None:
+    """The example at stream `position`; None past the end of an eval pass."""
+    if not self.repeat and position >= self.num_examples:
+      return None
+    if self.mixing == "round_robin" and self.repeat:
+      task, j = position % len(self.tasks), position // len(self.tasks)
+      epoch, index = divmod(j, self.sizes[task])
+      order = self._order(task, epoch, self.sizes[task])
+      return self._examples[task][index if order is None else int(order[index])]
+    epoch, index = divmod(position, self.num_examples)
+    order = self._order(-1, epoch, self.num_examples)
+    flat = index if order is None else int(order[index])
+    task = int(np.searchsorted(self._offsets, flat, side="right")) - 1
+    return self._examples[task][flat - self._offsets[task]]
+
+  # --- Iteration --------------------------------------------------------------------------------
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch | dict[str, np.ndarray]:
+    if not self.repeat and self.position >= self.num_examples:
+      raise StopIteration
+    start = self.position
+    examples = [self._example(start + r) for r in range(self.rows.start, self.rows.stop)]
+    self.position += self.batch_size
+    batch = self._tokenize(examples)
+    return batch.arrays if self.arrays_only else batch
+
+  def _tokenize(self, examples: list[dict | None]) -> Batch:
+    mask = np.array([ex is not None for ex in examples], dtype=bool)
+    real = [ex for ex in examples if ex is not None]
+    vocab = self.vocabulary
+    num_rows = len(examples)
+    arrays = {name: np.zeros((num_rows, length), np.int32) for name, length in (
+        ("encoder_input_tokens", self.input_length),
+        ("decoder_input_tokens", self.target_length),
+        ("decoder_target_tokens", self.target_length))}
+    if real:
+      inputs, cut_inputs = pad_batch([vocab.encode(ex["inputs"]) for ex in real],
+                                     self.input_length, eos_id=vocab.eos_id, pad_id=vocab.pad_id)
+      targets, cut_targets = pad_batch([vocab.encode(ex["targets"]) for ex in real],
+                                       self.target_length, eos_id=vocab.eos_id,
+                                       pad_id=vocab.pad_id)
+      arrays["encoder_input_tokens"][mask] = inputs
+      arrays["decoder_target_tokens"][mask] = targets
+      # Teacher forcing: the targets shifted right by one, starting from 0.
+      arrays["decoder_input_tokens"][mask, 1:] = targets[:, :-1]
+      self.stats.num_examples += len(real)
+      self.stats.num_truncated_inputs += cut_inputs
+      self.stats.num_truncated_targets += cut_targets
+    if self.prompt_ids is not None:
+      task_index = {task.name: k for k, task in enumerate(self.tasks)}
+      arrays["prompt_ids"] = np.array(
+          [self.prompt_ids[task_index[ex["task"]]] if ex is not None else 0 for ex in examples],
+          dtype=np.int32)
+    return Batch(arrays=arrays, examples=examples, mask=mask)
+
+  # --- Saving and restoring -----------------------------------------------------------------
+
+  def state(self) -> dict:
+    """JSON-serialisable position, the same on every host (positions are global).
+
+    `position` counts examples from the start of the stream; `epoch` and `index` are the same
+    position in passes over all `num_examples` (for round-robin mixing, over their sum).
+    """
+    epoch, index = divmod(self.position, self.num_examples)
+    return {"seed": self.seed, "epoch": epoch, "index": index, "position": self.position,
+            "num_examples": self.num_examples}
+
+  def restore(self, state: dict) -> None:
+    """Continue from `state()`; refuses a state of another seed or another data size."""
+    if state.get("seed", self.seed) != self.seed:
+      raise ValueError(f"this data state was saved with seed {state['seed']}; the iterator has "
+                       f"seed {self.seed}")
+    if state.get("num_examples", self.num_examples) != self.num_examples:
+      raise ValueError(f"this data state was saved over {state['num_examples']} examples; the "
+                       f"data now has {self.num_examples}: the positions would not match")
+    position = state.get("position")
+    if position is None:
+      position = state["epoch"] * self.num_examples + state["index"]
+    self.position = int(position)
+
+  def reset(self) -> None:
+    """Back to the first batch (to run an eval pass again without reading the files again)."""
+    self.position = 0
+
+
+def _resolve_sources(tasks: Sequence[Task], source) -> list[Source]:
+  names = [task.name for task in tasks]
+  if len(tasks) > 1 and isinstance(source, dict) and set(source) <= set(names):
+    sources = [source.get(name) for name in names]
+  elif len(tasks) > 1 and source is not None:
+    if not isinstance(source, (list, tuple)) or len(source) != len(tasks):
+      raise ValueError("for a mixture, source is a dict by task name or a list, one per task")
+    sources = list(source)
+  else:
+    sources = [source] if len(tasks) == 1 else [None] * len(tasks)
+  for task, src in zip(tasks, sources):
+    if src is None and task.source is None:
+      raise ValueError(f"task {task.name} has no built-in data: pass source= (a file, a "
+                       "directory, or a dict of them by split)")
+  return [task.source if src is None else src for task, src in zip(tasks, sources)]
+
+
+def load_examples(task: Task, split: str, source: Source, *, training: bool,
+                  require_label: bool) -> list[dict]:
+  """The formatted examples of a split, each with "task" and "record_index"."""
+  data = load_split(source, split)
+  examples = []
+  for i, record in enumerate(data.records):
+    try:
+      formatted = task.examples(record, training=training, require_label=require_label)
+    except RecordError as e:
+      raise RecordError(f"{data.locations[i]}: {e}") from None
+    examples += [{**ex, "task": task.name, "record_index": i} for ex in formatted]
+  if not examples:
+    raise DataError(f"task {task.name}, split {split!r}: no examples")
+  return examples
+
+
+def get_batches(task: str | Task | Sequence[str | Task], split: str,
+                vocabulary: Vocabulary | str, *, input_length: int, target_length: int,
+                batch_size: int, seed: int = 0, shuffle: bool | None = None,
+                repeat: bool | None = None, rows: slice | tuple[int, int] | None = None,
+                source: Source = None, prompt_id: int | Sequence[int] | None = None,
+                mixing: str = "proportional", require_labels: bool | None = None,
+                max_examples: int | None = None) -> BatchIterator:
+  """Batches of `task`'s `split` (a list of tasks: a mixture) for this host's `rows`.
+
+  repeat: endless epochs (training; the default for split "train"), else one padded pass.
+  shuffle: a new permutation per epoch from (seed, epoch); defaults to `repeat`.
+  rows: this host's rows of each global batch (`partitioning.process_rows`); default all.
+  source: where the records are (readers.load_split); default the task's built-in data. For
+    a mixture, a dict by task name or a list, one per task.
+  prompt_id: adds `prompt_ids`: one id for a single task; for a mixture, one per task (default
+    0, 1, ...), each example carrying its task's id.
+  mixing: "proportional" (one stream of all examples, so each task in proportion to its size)
+    or "round_robin" (tasks take turns, example by example); eval passes go task by task.
+  require_labels: a record without its label is an error (default: unless split is test*).
+  max_examples: keep only the first examples of each task (a quick eval).
+  """
+  tasks = [get_task(t) for t in ([task] if isinstance(task, (str, Task)) else task)]
+  if not tasks:
+    raise ValueError("no tasks")
+  if len({t.name for t in tasks}) != len(tasks):
+    raise ValueError(f"a task appears twice in the mixture {[t.name for t in tasks]}")
+  if mixing not in MIXING:
+    raise ValueError(f"mixing must be one of {MIXING}; got {mixing!r}")
+  if min(batch_size, input_length, target_length, max_examples or 1) < 1:
+    raise ValueError("batch_size, input_length, target_length and max_examples must be positive")
+  repeat = split == "train" if repeat is None else repeat
+  shuffle = repeat if shuffle is None else shuffle
+  require_labels = not split.startswith("test") if require_labels is None else require_labels
+  if prompt_id is None and len(tasks) > 1:
+    prompt_id = list(range(len(tasks)))
+  if prompt_id is not None:
+    prompt_ids = [prompt_id] if isinstance(prompt_id, int) else list(prompt_id)
+    if len(prompt_ids) != len(tasks):
+      raise ValueError(f"{len(prompt_ids)} prompt ids for {len(tasks)} tasks")
+  else:
+    prompt_ids = None
+  examples = [load_examples(t, split, s, training=repeat, require_label=require_labels)
+              [:max_examples] for t, s in zip(tasks, _resolve_sources(tasks, source))]
+  return BatchIterator(tasks, examples, get_vocabulary(vocabulary), input_length=input_length,
+                       target_length=target_length, batch_size=batch_size, seed=seed,
+                       shuffle=shuffle, repeat=repeat, rows=_rows_slice(rows, batch_size),
+                       prompt_ids=prompt_ids, mixing=mixing)
+
+
+def train_batches(task, split: str, vocabulary, *, batch_size: int, input_length: int,
+                  target_length: int, seed: int = 0, rows=None, source: Source = None,
+                  **options) -> BatchIterator:
+  """Endless shuffled batches whose `next()` is the arrays dict alone (the train step's input)."""
+  batches = get_batches(task, split, vocabulary, batch_size=batch_size,
+                        input_length=input_length, target_length=target_length, seed=seed,
+                        rows=rows, source=source, repeat=True, **options)
+  batches.arrays_only = True
+  return batches
+
+
+def eval_batches(task, split: str, vocabulary, *, batch_size: int, input_length: int,
+                 target_length: int, rows=None, source: Source = None,
+                 max_examples: int | None = None, **options) -> BatchIterator:
+  """One pass in order, the last batch padded; `next()` is a Batch (arrays, examples, mask)."""
+  return get_batches(task, split, vocabulary, batch_size=batch_size, input_length=input_length,
+                     target_length=target_length, rows=rows, source=source, repeat=False,
+                     shuffle=False, max_examples=max_examples, **options)

@@ -1,0 +1,171 @@
+"""Using trained prompts: evaluate one on a split, predict with a bank of them in mixed batches,
+read one as nearest tokens, export one. Plain functions, bound by gin like `train`."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+
+from softprompt_jax import interpret, prompts
+from softprompt_jax.model_spec import ModelSpec, load_frozen
+from softprompt_jax.prompted import PromptedT5, make_prompted_params
+from softprompt_jax.tokenizers import get_vocabulary
+from softprompt_jax.trainer import ConfigError, predict, run_eval, run_prompt, setup_run
+
+
+def _prompt_values(source) -> np.ndarray:
+  """A prompt from a `.npy` file, a PEFT adapter directory, or a run directory."""
+  path = pathlib.Path(source)
+  if path.suffix == ".npy":
+    return prompts.load_npy(path)
+  if (path / "adapter_config.json").is_file():
+    from softprompt_jax.peft_interop import load_peft_adapter
+    return load_peft_adapter(path)
+  if path.is_dir():
+    return run_prompt(path)
+  raise FileNotFoundError(f"prompt source {path}: not a .npy file, a PEFT adapter directory or a "
+                          "run directory")
+
+
+def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optional[str] = None,
+             prompt_file: Optional[str] = None, data_source=None, split: str = "validation",
+             batch_size: int = 32, input_length: int = 512, target_length: int = 8,
+             max_examples: Optional[int] = None, num_partitions: int = 1) -> dict:
+  """Metrics of a trained prompt (`prompt_file`, else the run in `model_dir`) on `split`;
+  written to MODEL_DIR/eval_<split>.json when a run directory is given."""
+  source = prompt_file or model_dir
+  if source is None:
+    raise ConfigError("evaluate needs a prompt: set PROMPT_FILE or --model_dir")
+  values = _prompt_values(source)
+  setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=values.shape[0],
+                    prompt_init=prompts.random_uniform, placement="prepend", trainable=(".*",),
+                    num_partitions=num_partitions, mesh_shape=None,
+                    parameter_partitioning_dims=1, activation_partitioning_dims=1,
+                    dropout_rate=0.0, seed=0, prompt_values=values)
+  metrics = run_eval(setup, setup.params, split, data_source=data_source, batch_size=batch_size,
+                     input_length=input_length, target_length=target_length,
+                     max_examples=max_examples)
+  if model_dir is not None and jax.process_index() == 0:
+    out = pathlib.Path(model_dir) / f"eval_{split}.json"
+    out.write_text(json.dumps({"task": setup.task.name, "split": split, "prompt": str(source),
+                               "metrics": metrics}, indent=2))
+  print(json.dumps(metrics))
+  return metrics
+
+
+def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, output_file: str,
+          vocabulary=None, batch_size: int = 32, input_length: int = 512,
+          target_length: int = 8) -> int:
+  """Predictions for a JSONL file whose lines are {"task": name, "inputs": text} or
+  {"task": name, "record": {...raw task record...}}; examples of all tasks share batches, each
+  with its own prompt from the bank. Writes {"task", "inputs", "prediction"} lines; returns the
+  number written."""
+  from softprompt_jax.data import get_task
+  names = sorted(prompts)
+  if not names:
+    raise ConfigError("infer needs PROMPTS: a mapping task name -> prompt (.npy / run dir)")
+  bank = np.stack([_prompt_values(prompts[name]) for name in names])
+  vocab = get_vocabulary(vocabulary)
+  config, frozen = load_frozen(model, None, dropout_rate=0.0)
+  net = PromptedT5(config, prompt_length=bank.shape[1], num_prompts=len(names))
+  params = make_prompted_params(net, frozen, jax.random.PRNGKey(0), bank)
+  rows = _read_requests(pathlib.Path(input_file), names, get_task)
+  out_path = pathlib.Path(output_file)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out_path.with_name(out_path.name + ".tmp")
+  with open(tmp, "w") as out:
+    for start in range(0, len(rows), batch_size):
+      chunk = rows[start:start + batch_size]
+      tokens = vocab.encode_batch([r["inputs"] for r in chunk], max_length=input_length)
+      ids = np.array([names.index(r["task"]) for r in chunk], np.int32)
+      pad = batch_size - len(chunk)  # one compiled shape for every batch
+      tokens = np.pad(tokens, ((0, pad), (0, 0)))
+      ids = np.pad(ids, (0, pad))
+      decoded = predict_bank(net, params, chunk, tokens, ids, vocab, target_length, get_task)
+      for row, text in zip(chunk, decoded):
+        out.write(json.dumps({"task": row["task"], "inputs": row["inputs"],
+                              "prediction": text}) + "\n")
+  tmp.replace(out_path)
+  return len(rows)
+
+
+def predict_bank(net, params, chunk, tokens, ids, vocab, target_length, get_task) -> list[str]:
+  """Greedy decoding of a mixed-task batch (one compiled program whatever the task mix)."""
+  from softprompt_jax import decoding
+  decoded = np.asarray(decoding.greedy_decode(net, params, tokens, target_length, prompt_ids=ids))
+  return [vocab.decode(row) for row in decoded[:len(chunk)]]
+
+
+def _read_requests(path: pathlib.Path, names, get_task) -> list[dict]:
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+      task = row.get("task")
+      if task not in names:
+        raise ConfigError(f"{path}:{line_no}: field 'task' is {task!r}; the prompt bank has "
+                          f"{names}")
+      if "inputs" not in row:
+        if "record" not in row:
+          raise ConfigError(f"{path}:{line_no}: needs field 'inputs' (text) or 'record'")
+        row = {**row, "inputs": get_task(task).format(row["record"])["inputs"]}
+      rows.append(row)
+  return rows
+
+
+def interpret_prompt(*, model_dir: str, model: Optional[ModelSpec] = None, vocabulary=None,
+                     k: int = 5) -> list:
+  """Nearest vocabulary tokens of each position of the run's prompt; writes
+  MODEL_DIR/interpretation.json. The frozen model and vocabulary default to the run's own."""
+  values = _prompt_values(model_dir)
+  if model is None or vocabulary is None:
+    meta = _run_meta(model_dir)
+    if model is None:
+      spec = dict(meta["model"])
+      spec["overrides"] = tuple(sorted(spec["overrides"].items()))
+      model = ModelSpec(**spec)
+    vocabulary = vocabulary or meta.get("vocabulary")
+  config, frozen = load_frozen(model, None)
+  vocab = get_vocabulary(vocabulary) if vocabulary else None
+  rows = interpret.describe(values, frozen["token_embedder"]["embedding"], vocab, k=k)
+  out = pathlib.Path(model_dir) / "interpretation.json"
+  out.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+  return rows
+
+
+def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = None,
+                  peft_num_heads: Optional[int] = None) -> pathlib.Path:
+  """The run's best (else latest) prompt as `.npy`, or as a PEFT adapter directory when `out`
+  does not end in .npy (then the model's layer and head counts are needed)."""
+  values = run_prompt(model_dir)
+  out_path = pathlib.Path(out)
+  if out_path.suffix == ".npy":
+    prompts.save_npy(out_path, values)
+    return out_path
+  from softprompt_jax.peft_interop import save_peft_adapter
+  meta_config = _run_meta(model_dir)["config"]
+  return save_peft_adapter(out_path, values,
+                           num_layers=peft_num_layers or meta_config["num_encoder_layers"],
+                           num_heads=peft_num_heads or meta_config["num_heads"])
+
+
+def _run_meta(model_dir) -> dict:
+  from softprompt_jax.checkpoints.state import PromptCheckpoints
+  from softprompt_jax.trainer import CHECKPOINT_SUBDIR
+  checkpoints = PromptCheckpoints(pathlib.Path(model_dir) / CHECKPOINT_SUBDIR)
+  try:
+    steps = checkpoints.steps()
+    if not steps:
+      raise FileNotFoundError(f"{model_dir}: no checkpoints to read the run's settings from")
+    return checkpoints.restore_meta(steps[-1])
+  finally:
+    checkpoints.close()

@@ -1,0 +1,449 @@
+"""Training observability: a progress line, `metrics.jsonl`, TensorBoard scalars, curves, summary.
+
+`RunLog` is what the training loop talks to. Every record goes to `run_dir/metrics.jsonl`, one
+JSON object a line, flushed as written and appended to across restarts; that file is the record
+the other functions here read back. A restart writes a start marker (`{"event": "start", "step":
+s, ...}`), and `read_metrics` drops what the crashed run logged past step s, since the resumed run
+logs those steps again. TensorBoard gets the same scalars, one subdirectory per split, so train
+and validation curves of the same tag overlay.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import numbers
+import os
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Callable, TextIO
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CURVES_FILE = "curves.png"
+TRAIN = "train"
+# Keys a record sets itself; a metric of the same name would silently overwrite one of them.
+_RESERVED = frozenset({"step", "split", "time", "event", "steps_per_s", "tokens_per_s"})
+
+
+def _scalar(name: str, value) -> int | float:
+  """A metric as a JSON number: integers stay integers, everything else (jax/numpy too) floats."""
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    return int(value)
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"metric {name!r} must be a scalar number, got {value!r}") from None
+
+
+def _metrics(metrics: dict) -> dict[str, int | float]:
+  clash = _RESERVED.intersection(metrics)
+  if clash:
+    raise ValueError(f"metric names {sorted(clash)} are reserved for the record's own fields")
+  return {name: _scalar(name, value) for name, value in metrics.items()}
+
+
+def _format_duration(seconds: float | None) -> str:
+  if seconds is None or not math.isfinite(seconds):
+    return "--"
+  s = int(round(max(seconds, 0.0)))
+  if s < 60:
+    return f"{s}s"
+  if s < 3600:
+    return f"{s // 60}m{s % 60:02d}s"
+  if s < 86400:
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+  return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _format_rate(rate: float | None) -> str:
+  """Three significant digits with a k/M suffix: 0.351, 12.3, 45.6k, 1.2M."""
+  if rate is None:
+    return "--"
+  for bound, suffix in ((1e6, "M"), (1e3, "k")):
+    if rate >= bound:
+      return f"{rate / bound:.3g}{suffix}"
+  return f"{rate:.3g}"
+
+
+def _format_metrics(metrics: dict) -> str:
+  return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                   for k, v in metrics.items())
+
+
+class RunLog:
+  """Progress line, JSONL records and TensorBoard scalars of one training run.
+
+  `enabled=False` (non-primary hosts) turns every method into a no-op that touches no file and
+  writes nothing to `stream`. On a TTY the progress line is redrawn in place (at most every
+  `update_every_s`, default 0.2 s); elsewhere (log files, CI) it is printed as a plain line at
+  most every `update_every_s` (default 30 s), plus on the first and the final step.
+
+  Throughput (steps/s, tokens/s) is measured between the last `window` `log_train` calls. The
+  first call after start/resume only anchors the measurement, so the compilation of the first
+  step is never counted; `log_eval` re-anchors it, so time spent evaluating is not counted either.
+  Until there is a measurement the rates are None (`null` in JSON); after a re-anchor the last
+  measurement is carried over.
+  """
+
+  def __init__(self, run_dir, total_steps: int, *, start_step: int = 0, enabled: bool = True,
+               tensorboard: bool = True, stream: TextIO = sys.stderr,
+               clock: Callable[[], float] = time.perf_counter, window: int = 20,
+               update_every_s: float | None = None, tty: bool | None = None):
+    self.enabled = enabled
+    self.run_dir = Path(run_dir)
+    self.total_steps = int(total_steps)
+    self.start_step = int(start_step)
+    self._closed = False
+    if not enabled:
+      return
+    if window < 2:
+      raise ValueError(f"window must be at least 2 log_train calls, got {window}")
+    self._stream = stream
+    self._clock = clock
+    self._tty = tty if tty is not None else bool(getattr(stream, "isatty", lambda: False)())
+    self._update_every_s = (update_every_s if update_every_s is not None
+                            else 0.2 if self._tty else 30.0)
+    self._samples = collections.deque(maxlen=window)  # (clock time, step, tokens so far)
+    self._tokens = 0
+    self._rates: tuple[float | None, float | None] = (None, None)
+    self._last_shown: float | None = None
+    self._bar = ""  # the progress line currently on a TTY, "" when none is drawn
+
+    self.run_dir.mkdir(parents=True, exist_ok=True)
+    path = self.run_dir / METRICS_FILE
+    # A crash mid-write leaves a line without its newline; start a fresh line instead of gluing
+    # this run's first record onto that fragment.
+    needs_newline = path.exists() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+    self._jsonl = open(path, "a", encoding="utf-8")
+    if needs_newline:
+      self._jsonl.write("\n")
+    self._append({"step": self.start_step, "event": "start", "total_steps": self.total_steps,
+                   "time": time.time()})
+
+    self._tensorboard = tensorboard
+    self._writers = {}
+    # Unique per writer: tensorboardX names event files by the second and host, and opens them
+    # with "wb", so two writers started within a second in one directory would clobber each other.
+    self._writer_suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+  # ------------------------------------------------------------------------------------------
+  # Public API
+
+  def log_train(self, step: int, metrics: dict[str, float], num_tokens: int) -> None:
+    """Record one training log point; `num_tokens` counts tokens since the previous call."""
+    if not self.enabled:
+      return
+    step = int(step)
+    metrics = _metrics(metrics)
+    now = self._clock()
+    self._tokens += int(num_tokens)
+    self._samples.append((now, step, self._tokens))
+    self._rates = self._measure() or self._rates
+    steps_per_s, tokens_per_s = self._rates
+    self._append({"step": step, "split": TRAIN, **metrics, "steps_per_s": steps_per_s,
+                  "tokens_per_s": tokens_per_s, "time": time.time()})
+    writer = self._writer(TRAIN)
+    if writer is not None:
+      for name, value in metrics.items():
+        writer.add_scalar(name, value, step)
+      if steps_per_s is not None:
+        writer.add_scalar("steps_per_s", steps_per_s, step)
+        writer.add_scalar("tokens_per_s", tokens_per_s, step)
+    self._show_progress(step, metrics, now)
+
+  def log_eval(self, step: int, metrics: dict[str, float], split: str = "validation") -> None:
+    """Record evaluation metrics of the parameters at `step` on `split`."""
+    if not self.enabled:
+      return
+    if split == TRAIN or not split or os.sep in split or split in (".", ".."):
+      raise ValueError(f"eval split {split!r} must be a plain directory name other than "
+                       f"{TRAIN!r} (use e.g. 'train_eval' to evaluate on training data)")
+    step = int(step)
+    metrics = _metrics(metrics)
+    self._append({"step": step, "split": split, **metrics, "time": time.time()})
+    writer = self._writer(split)
+    if writer is not None:
+      for name, value in metrics.items():
+        writer.add_scalar(name, value, step)
+      writer.flush()  # evaluations are rare and the ones worth seeing right away
+    self.message(f"{split} @ step {step}: {_format_metrics(metrics)}")
+    # Restart the throughput measurement at the next log_train, excluding the evaluation time.
+    self._samples.clear()
+
+  def message(self, text: str) -> None:
+    """A line on the stream; on a TTY the progress line is cleared first and redrawn below it."""
+    if not self.enabled:
+      return
+    if self._tty and self._bar:
+      self._stream.write("\r" + " " * len(self._bar) + "\r")
+    self._stream.write(f"{text}\n")
+    if self._tty and self._bar:
+      self._stream.write(self._bar)
+    self._stream.flush()
+
+  def close(self) -> None:
+    if not self.enabled or self._closed:
+      return
+    self._closed = True
+    if self._tty and self._bar:
+      self._stream.write("\n")  # leave the last progress line on screen
+      self._stream.flush()
+      self._bar = ""
+    for writer in self._writers.values():
+      writer.close()
+    self._jsonl.close()
+
+  def __enter__(self) -> RunLog:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  # ------------------------------------------------------------------------------------------
+  # Internals
+
+  def _append(self, record: dict) -> None:
+    # One write per record, so a crash can only truncate the last line.
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+
+  def _writer(self, split: str):
+    if not self._tensorboard:
+      return None
+    if split not in self._writers:
+      from tensorboardX import SummaryWriter  # slow to import; only the primary host needs it
+      # purge_step hides what a crashed run logged past the resumed checkpoint, as read_metrics
+      # does for the JSONL.
+      self._writers[split] = SummaryWriter(
+          str(self.run_dir / "tensorboard" / split), purge_step=self.start_step + 1,
+          flush_secs=30, filename_suffix=self._writer_suffix)
+    return self._writers[split]
+
+  def _measure(self) -> tuple[float, float] | None:
+    if len(self._samples) < 2:
+      return None
+    (t0, step0, tokens0), (t1, step1, tokens1) = self._samples[0], self._samples[-1]
+    if t1 <= t0:
+      return None
+    return (step1 - step0) / (t1 - t0), (tokens1 - tokens0) / (t1 - t0)
+
+  def _progress_line(self, step: int, metrics: dict) -> str:
+    steps_per_s, tokens_per_s = self._rates
+    eta = (self.total_steps - step) / steps_per_s if steps_per_s else None
+    percent = 100.0 * step / self.total_steps if self.total_steps else 100.0
+    parts = [f"step {step}/{self.total_steps} ({percent:.0f}%)",
+             f"{_format_rate(steps_per_s)} steps/s",
+             f"{_format_rate(tokens_per_s)} tokens/s",
+             f"ETA {_format_duration(eta)}"]
+    if "loss" in metrics:
+      parts.append(f"loss {metrics['loss']:.4g}")
+    return " | ".join(parts)
+
+  def _show_progress(self, step: int, metrics: dict, now: float) -> None:
+    due = (self._last_shown is None or now - self._last_shown >= self._update_every_s
+           or step >= self.total_steps)
+    if not due:
+      return
+    self._last_shown = now
+    line = self._progress_line(step, metrics)
+    if self._tty:
+      # Pad with spaces to wipe the tail of a longer previous line.
+      self._stream.write("\r" + line + " " * max(0, len(self._bar) - len(line)))
+      self._bar = line
+    else:
+      self._stream.write(line + "\n")
+    self._stream.flush()
+
+
+def _last_byte(path: Path) -> bytes:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading back
+
+
+def read_metrics(run_dir, split: str | None = None, *, raw: bool = False) -> list[dict]:
+  """The records of `run_dir/metrics.jsonl` in file order ([] when there is no file).
+
+  By default: metric records only (start markers dropped), without those a restart superseded
+  (logged past the step the run resumed from), and only `split`'s when given. `raw=True` returns
+  every parsed line as is. A line cut short by a crash (the last one, or one followed by a start
+  marker) is skipped silently; any other unparseable line is skipped with a warning.
+  """
+  path = Path(run_dir) / METRICS_FILE
+  if not path.exists():
+    return []
+  records, bad = [], None  # bad: line number of an unparseable line not yet explained
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        if not isinstance(record, dict):
+          raise ValueError("not a JSON object")
+      except ValueError:
+        if bad is not None:
+          _warn_bad_line(path, bad)
+        bad = number
+        continue
+      if bad is not None and record.get("event") != "start":
+        _warn_bad_line(path, bad)
+      bad = None
+      records.append(record)
+  if raw:
+    return records
+  kept = []
+  for record in records:
+    if record.get("event") == "start":
+      resumed = record.get("step", 0)
+      kept = [r for r in kept if r.get("step", 0) <= resumed]
+    elif "split" in record:
+      kept.append(record)
+  return [r for r in kept if split is None or r["split"] == split]
+
+
+def _warn_bad_line(path: Path, number: int) -> None:
+  warnings.warn(f"{path}:{number}: skipping a line that is not a JSON object", stacklevel=3)
+
+
+def _finite(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def best_eval(run_dir, metric: str, mode: str, *,
+              split: str = "validation") -> tuple[int, float] | None:
+  """(step, value) of the best finite `metric` on `split`, earliest on ties; None if none."""
+  if mode not in ("max", "min"):
+    raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+  best = None
+  for record in read_metrics(run_dir, split):
+    value = record.get(metric)
+    if not _finite(value):
+      continue
+    if best is None or (value > best[1] if mode == "max" else value < best[1]):
+      best = (record["step"], value)
+  return best
+
+
+# --------------------------------------------------------------------------------------------
+# Curves and summary
+
+
+def _eval_metric_names(records: list[dict]) -> list[str]:
+  names = []
+  for record in records:
+    for name, value in record.items():
+      if name not in _RESERVED and _finite(value) and name not in names:
+        names.append(name)
+  return names
+
+
+def plot_curves(run_dir, png_path=None, metric: str | None = None, *,
+                train_metric: str = "loss") -> Path:
+  """A PNG of the training loss (left) and evaluation curves (right) over steps.
+
+  `metric` picks the evaluation metric plotted for every eval split; None plots all of them.
+  Renders with Agg on a bare Figure, so no display is needed and pyplot's global state (and the
+  caller's backend) is left alone.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  run_dir = Path(run_dir)
+  png_path = Path(png_path) if png_path is not None else run_dir / CURVES_FILE
+  records = read_metrics(run_dir)
+  train = [r for r in records if r["split"] == TRAIN and _finite(r.get(train_metric))]
+  evals = [r for r in records if r["split"] != TRAIN]
+  names = _eval_metric_names(evals)
+  if metric is not None:
+    if evals and metric not in names:
+      raise ValueError(f"no evaluation logged {metric!r}; logged metrics: {names}")
+    names = [metric]
+
+  figure = Figure(figsize=(11, 4), layout="constrained")
+  FigureCanvasAgg(figure)
+  train_axes, eval_axes = figure.subplots(1, 2)
+  train_axes.plot([r["step"] for r in train], [r[train_metric] for r in train], linewidth=1)
+  train_axes.set(title=f"train {train_metric}", xlabel="step")
+  for split in dict.fromkeys(r["split"] for r in evals):
+    for name in names:
+      points = [(r["step"], r[name]) for r in evals if r["split"] == split and _finite(r.get(name))]
+      if points:
+        eval_axes.plot(*zip(*points), marker="o", markersize=3, label=f"{split} {name}")
+  eval_axes.set(title="evaluation", xlabel="step")
+  if eval_axes.lines:
+    eval_axes.legend()
+  else:
+    eval_axes.text(0.5, 0.5, "no evaluations yet", ha="center", va="center",
+                   transform=eval_axes.transAxes)
+  for axes in (train_axes, eval_axes):
+    axes.grid(alpha=0.3)
+
+  png_path.parent.mkdir(parents=True, exist_ok=True)
+  # Rendered beside the target and renamed, so a viewer never sees a half-written image.
+  fd, tmp = tempfile.mkstemp(suffix=".png", dir=png_path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      figure.savefig(f, format="png", dpi=100)
+    os.replace(tmp, png_path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  return png_path
+
+
+def _json_default(value):
+  """numpy/jax scalars and arrays, and paths, which `json` cannot serialize on its own."""
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  if isinstance(value, os.PathLike):
+    return os.fspath(value)
+  raise TypeError(f"{type(value).__name__} is not JSON serializable: {value!r}")
+
+
+def write_summary(run_dir, summary: dict, *, stream: TextIO = sys.stderr) -> Path:
+  """Write `run_dir/summary.json` atomically and print a one-line summary of it to `stream`.
+
+  The line shows whichever of these keys `summary` has: "steps", "wall_time_s", "final_loss",
+  and "best_metric" with "best_value" and "best_step"; the file holds all of `summary`.
+  """
+  run_dir = Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  path = run_dir / SUMMARY_FILE
+  text = json.dumps(summary, indent=2, default=_json_default) + "\n"  # fails before any write
+  fd, tmp = tempfile.mkstemp(prefix=f".{SUMMARY_FILE}.", dir=run_dir)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())  # the rename must not land before the data
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+  parts = []
+  if "steps" in summary:
+    parts.append(f"{summary['steps']} steps")
+  if "wall_time_s" in summary:
+    parts.append(f"wall time {_format_duration(float(summary['wall_time_s']))}")
+  if "final_loss" in summary:
+    parts.append(f"final loss {float(summary['final_loss']):.4g}")
+  if "best_value" in summary:
+    best = f"best {summary.get('best_metric', 'metric')} {float(summary['best_value']):.4g}"
+    if "best_step" in summary:
+      best += f" at step {summary['best_step']}"
+    parts.append(best)
+  stream.write(f"run summary: {', '.join(parts) or 'written'} ({path})\n")
+  stream.flush()
+  return path

@@ -1,0 +1,335 @@
+"""Runs: `train` (prompt tuning, resumable), `evaluate` and `infer` — plain functions gin binds.
+
+The path of a run: validate the configuration (before anything expensive) -> mesh -> frozen T5
+loaded into its shards -> PromptedT5 + prompt init from the real embedding -> masked optimizer ->
+resume from the latest good checkpoint -> loop (sharded train step, periodic eval, prompt-only
+checkpoints, logs on process 0) -> best prompt exported, summary, curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import pathlib
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from softprompt_jax import decoding, optim, partitioning, prompts
+from softprompt_jax import train_step as ts
+from softprompt_jax.checkpoints.state import PromptCheckpoints, abstract_like, fingerprint
+from softprompt_jax.model_spec import ModelSpec, load_frozen
+from softprompt_jax.prompted import PromptedT5, make_prompted_params
+from softprompt_jax.t5 import T5
+from softprompt_jax.tokenizers import get_vocabulary
+
+CHECKPOINT_SUBDIR = "checkpoints"
+PROMPT_FILE = "prompt.npy"
+
+
+class ConfigError(ValueError):
+  """A run configuration that cannot work; raised before any expensive step."""
+
+
+class NumericalError(FloatingPointError):
+  """NaN or Inf in the loss or the prompt; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------
+# Setting a run up
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs, built in the order that fails fastest."""
+  task: object
+  vocabulary: object
+  partitioner: partitioning.Partitioner
+  config: object
+  model: object
+  params: dict
+  labels: dict
+
+
+def _prompt_initializer(factory: Callable, task, vocabulary) -> prompts.PromptInit:
+  """Calls a gin-bound initializer factory with what it asks for (labels, vocabulary)."""
+  params = inspect.signature(factory).parameters
+  kwargs = {}
+  if "labels" in params:
+    if not task.choices:
+      raise ConfigError(f"prompt init {getattr(factory, '__name__', factory)} needs class labels, "
+                        f"but task {task.name} has no fixed label set; use sampled_vocab or "
+                        "random_uniform")
+    kwargs["labels"] = list(task.choices)
+  if "vocabulary" in params:
+    kwargs["vocabulary"] = vocabulary
+  return factory(**kwargs)
+
+
+def _check_vocabulary_fits(vocabulary, config):
+  if vocabulary.vocab_size > config.vocab_size:
+    raise ConfigError(f"the vocabulary has {vocabulary.vocab_size} ids but the model's embedding "
+                      f"has {config.vocab_size} rows; use the vocabulary the model was trained "
+                      "with")
+
+
+def _config_of(spec: ModelSpec, overrides: dict):
+  if not spec.checkpoint:
+    return dataclasses.replace(spec.config(), **overrides)
+  from softprompt_jax.loading import open_checkpoint
+  with open_checkpoint(spec.checkpoint) as reader:
+    return reader.config(**{**dict(spec.overrides), **overrides})
+
+
+def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_init: Callable,
+              placement: str, trainable: Sequence[str], num_partitions: int,
+              mesh_shape, parameter_partitioning_dims: int, activation_partitioning_dims: int,
+              dropout_rate: Optional[float], seed: int, num_prompts: Optional[int] = None,
+              prompt_values=None) -> Setup:
+  from softprompt_jax.data import get_task
+  task = get_task(task) if isinstance(task, str) else task
+  if vocabulary is None:
+    raise ConfigError("no vocabulary: set VOCABULARY (a sentencepiece .model path, or 'byte')")
+  vocabulary = get_vocabulary(vocabulary)
+  partitioner = partitioning.Partitioner.create(
+      num_partitions=num_partitions, mesh_shape=mesh_shape,
+      parameter_partitioning_dims=parameter_partitioning_dims,
+      activation_partitioning_dims=activation_partitioning_dims)
+  overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
+  config = _config_of(model, overrides)  # reads metadata only
+  _check_vocabulary_fits(vocabulary, config)
+  init = _prompt_initializer(prompt_init, task, vocabulary) if prompt_length else None
+  if prompt_length:
+    net = PromptedT5(config, prompt_length=prompt_length, prompt_init=init,
+                     num_prompts=num_prompts, placement=placement)
+  else:
+    net = T5(config)
+  config, frozen_params = load_frozen(model, partitioner, **overrides)
+  if prompt_length:
+    params = make_prompted_params(net, frozen_params, jax.random.PRNGKey(seed), prompt_values)
+  else:
+    params = frozen_params
+  labels = optim.param_labels(params, tuple(trainable))
+  return Setup(task, vocabulary, partitioner, config, net, params, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def predict(model, params, task, examples_batch, vocabulary, partitioner, target_length: int,
+            **encoder_kwargs) -> list[str]:
+  """Text predictions for one host-local batch: rank classification when the task has a fixed
+  label set (as T5 evaluates classification), greedy decoding otherwise."""
+  tokens = np.asarray(examples_batch["encoder_input_tokens"])
+  if task.choices:
+    candidates = vocabulary.encode_batch(list(task.choices), max_length=target_length)
+    chosen = np.asarray(decoding.rank_classify(model, params, tokens, candidates,
+                                               **encoder_kwargs))
+    return [task.choices[i] for i in chosen]
+  decoded = np.asarray(decoding.greedy_decode(model, params, tokens, target_length,
+                                              **encoder_kwargs))
+  return [vocabulary.decode(row) for row in decoded]
+
+
+def run_eval(setup: Setup, params, split: str, *, data_source, batch_size: int,
+             input_length: int, target_length: int, max_examples: Optional[int]) -> dict:
+  """Metrics of the task's `split` with `params` (frozen + prompt)."""
+  from softprompt_jax.data import pipeline
+  stream = pipeline.eval_batches(setup.task, split, setup.vocabulary, source=data_source,
+                                 batch_size=batch_size, input_length=input_length,
+                                 target_length=target_length, max_examples=max_examples)
+  examples, predictions = [], []
+  for batch in stream:
+    texts = predict(setup.model, params, setup.task, batch.arrays, setup.vocabulary,
+                    setup.partitioner, target_length)
+    real = [i for i, keep in enumerate(batch.mask) if keep]
+    examples += [batch.examples[i] for i in real]
+    predictions += [texts[i] for i in real]
+  if not examples:
+    raise ConfigError(f"{setup.task.name}: split {split!r} has no examples to evaluate")
+  metrics = setup.task.evaluate(examples, predictions)
+  metrics["num_examples"] = float(len(examples))
+  return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def _default_metric(task) -> str:
+  names = getattr(task, "metric_names", None)
+  if names:
+    return names[0]
+  return "accuracy"
+
+
+def _check_finite(step: int, loss: float, prompt) -> None:
+  if not np.isfinite(loss):
+    raise NumericalError(f"step {step}: the loss is {loss}; training stopped, the last good "
+                         "checkpoint is kept (lower the learning rate, or check the data)")
+  if prompt is not None and not bool(jnp.all(jnp.isfinite(prompt))):
+    raise NumericalError(f"step {step}: the prompt holds NaN or Inf; training stopped, the last "
+                         "good checkpoint is kept")
+
+
+def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_source=None,
+          prompt_length: int = 100, prompt_init: Callable = prompts.class_labels,
+          placement: str = "prepend", trainable: Sequence[str] = optim.PROMPT_ONLY,
+          optimizer=None, num_steps: int = 30000, batch_size: int = 32, input_length: int = 512,
+          target_length: int = 8, dropout_rate: Optional[float] = 0.1, z_loss: float = 1e-4,
+          label_smoothing: float = 0.0,
+          loss_normalizer: str | float = "num_real_target_tokens", eval_every: int = 1000,
+          eval_split: str = "validation", eval_max_examples: Optional[int] = None,
+          best_metric: Optional[str] = None, best_mode: str = "max", keep_checkpoints: int = 2,
+          num_partitions: int = 1, mesh_shape: Optional[Sequence[int]] = None,
+          parameter_partitioning_dims: int = 1, activation_partitioning_dims: int = 1,
+          seed: int = 0, log_every: int = 50, stop_after_steps: Optional[int] = None) -> dict:
+  """Prompt tuning (or, with trainable='.*', model tuning); resumes when run again.
+
+  `stop_after_steps` ends this invocation early (as a preemption would), leaving checkpoints to
+  resume from; tests use it.
+  """
+  from softprompt_jax.data import pipeline
+  from softprompt_jax.run_log import RunLog, plot_curves, write_summary
+  start_time = time.time()
+  model_dir = pathlib.Path(model_dir)
+  if num_steps < 1 or eval_every < 1:
+    raise ConfigError(f"num_steps ({num_steps}) and eval_every ({eval_every}) must be >= 1")
+  setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=prompt_length,
+                    prompt_init=prompt_init, placement=placement, trainable=trainable,
+                    num_partitions=num_partitions, mesh_shape=mesh_shape,
+                    parameter_partitioning_dims=parameter_partitioning_dims,
+                    activation_partitioning_dims=activation_partitioning_dims,
+                    dropout_rate=dropout_rate, seed=seed)
+  best_metric = best_metric or _default_metric(setup.task)
+  optimizer = optim.masked_optimizer(optimizer if optimizer is not None else optim.adafactor(),
+                                     setup.labels)
+  primary = partitioning.is_primary_process()
+  state, frozen = ts.init_train_state(setup.params, setup.labels, optimizer)
+  train_step, _, shardings = partitioning.sharded_steps(
+      setup.model, optimizer, setup.partitioner, *jax.eval_shape(lambda: (state, frozen)),
+      ts.LossConfig(z_loss, label_smoothing, loss_normalizer))
+  state = jax.device_put(state, shardings["state"])
+  frozen = jax.device_put(frozen, shardings["frozen"])
+
+  meta = {"model": model.describe(), "task": setup.task.name, "prompt_length": prompt_length,
+          "placement": placement, "trainable": list(trainable), "config": setup.config.to_dict(),
+          "best_metric": best_metric, "best_mode": best_mode,
+          "vocabulary": vocabulary if isinstance(vocabulary, str) else None,
+          "model_fingerprint": fingerprint(model.checkpoint) if model.checkpoint else None}
+  checkpoints = PromptCheckpoints(model_dir / CHECKPOINT_SUBDIR, keep_last=keep_checkpoints,
+                                  best_metric=best_metric, best_mode=best_mode)
+  rows = setup.partitioner.process_rows(batch_size)
+  batches = pipeline.train_batches(setup.task, "train", setup.vocabulary, source=data_source,
+                                   batch_size=batch_size, input_length=input_length,
+                                   target_length=target_length, seed=seed, rows=rows)
+  rng = jax.random.PRNGKey(seed)
+  start_step = 0
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    state, position, saved_meta = checkpoints.restore(latest, abstract_like(state))
+    _check_same_run(saved_meta, meta, model_dir)
+    batches.restore(position)
+    start_step = int(state.step)
+  model_dir.mkdir(parents=True, exist_ok=True)
+
+  log = RunLog(model_dir, num_steps, start_step=start_step, enabled=primary)
+  if latest is not None:
+    log.message(f"resumed from {checkpoints.directory / str(latest)} at step {start_step}")
+  step = start_step
+  last_eval = None
+  pending_tokens = 0
+  try:
+    while step < num_steps:
+      local = next(batches)
+      global_batch = setup.partitioner.shard_batch(local, batch_size)
+      state, metrics = train_step(state, frozen, global_batch, rng)
+      step += 1
+      pending_tokens += int(np.sum(local["encoder_input_tokens"] > 0)
+                            + np.sum(local["decoder_target_tokens"] > 0)) * \
+          jax.process_count()
+      if step % log_every == 0 or step == num_steps or step % eval_every == 0:
+        values = {k: float(v) for k, v in metrics.items()}
+        _check_finite(step, values["loss"], state.trainable.get("prompt", {}).get("prompt"))
+        log.log_train(step, values, pending_tokens)
+        pending_tokens = 0
+      if step % eval_every == 0 or step == num_steps:
+        params = optim.merge(state.trainable, frozen)
+        last_eval = run_eval(setup, params, eval_split, data_source=data_source,
+                             batch_size=batch_size, input_length=input_length,
+                             target_length=target_length, max_examples=eval_max_examples)
+        log.log_eval(step, last_eval, eval_split)
+        checkpoints.save(step, state, batches.state(), meta, last_eval)
+      if stop_after_steps is not None and step - start_step >= stop_after_steps:
+        break
+  finally:
+    log.close()
+
+  summary = {"steps": step, "wall_time_s": time.time() - start_time,
+             "best_metric": best_metric, "model_dir": str(model_dir),
+             "data": dataclasses.asdict(batches.stats)}
+  if step >= num_steps and primary:
+    best = checkpoints.best_step() or checkpoints.latest_step()
+    summary["best_step"] = best
+    if best is not None:
+      best_meta = checkpoints.restore_meta(best)
+      summary["best_value"] = (best_meta.get("metrics") or {}).get(best_metric)
+      if prompt_length:
+        best_state, _, _ = checkpoints.restore(best, abstract_like(state))
+        prompts.save_npy(model_dir / PROMPT_FILE,
+                         np.asarray(best_state.trainable["prompt"]["prompt"]))
+    summary["final_eval"] = last_eval
+    summary["final_loss"] = float(metrics["loss"]) if step > start_step else None
+    write_summary(model_dir, summary)
+    plot_curves(model_dir)
+  checkpoints.close()
+  return summary
+
+
+def _check_same_run(saved: dict, current: dict, model_dir) -> None:
+  """Resuming with a different model, task or prompt shape would silently mix two runs."""
+  for key in ("task", "prompt_length", "trainable", "model_fingerprint"):
+    if saved.get(key) != current.get(key):
+      raise ConfigError(f"{model_dir}: this run directory was trained with {key}="
+                        f"{saved.get(key)!r}, now {current.get(key)!r}; use a new --model_dir "
+                        "or restore the original setting")
+
+
+# --------------------------------------------------------------------------------------------
+# Using a trained prompt
+
+
+def run_prompt(model_dir) -> np.ndarray:
+  """A run's best (else latest) prompt [P, H]."""
+  model_dir = pathlib.Path(model_dir)
+  exported = model_dir / PROMPT_FILE
+  if exported.is_file():
+    return prompts.load_npy(exported)
+  checkpoints = PromptCheckpoints(model_dir / CHECKPOINT_SUBDIR)
+  steps = checkpoints.steps()
+  if not steps:
+    raise FileNotFoundError(f"{model_dir}: no {PROMPT_FILE} and no checkpoints; train first")
+  best = _best_from_meta(checkpoints, steps) or steps[-1]
+  import orbax.checkpoint as ocp
+  restored = ocp.StandardCheckpointer().restore(checkpoints.directory / str(best) / "state")
+  checkpoints.close()
+  return np.asarray(restored["trainable"]["prompt"]["prompt"], np.float32)
+
+
+def _best_from_meta(checkpoints: PromptCheckpoints, steps) -> Optional[int]:
+  """The best step by the metric and mode the run recorded in its checkpoints' meta."""
+  meta = checkpoints.restore_meta(steps[-1])
+  if not meta.get("best_metric"):
+    return None
+  ranked = PromptCheckpoints(checkpoints.directory, best_metric=meta["best_metric"],
+                             best_mode=meta.get("best_mode", "max"))
+  try:
+    return ranked.best_step()
+  finally:
+    ranked.close()
