@@ -30,6 +30,8 @@ def parse_args(argv=None):
   p.add_argument("--parameter_partitioning_dims", type=int, default=1, choices=[1, 2])
   p.add_argument("--activation_partitioning_dims", type=int, default=1, choices=[1, 2])
   p.add_argument("--trainable", default=".*prompt.*", help="regex; '.*' plans model tuning")
+  p.add_argument("--remat_policy", default="none", choices=["none", "full", "minimal"],
+                 help="rematerialise each layer in the backward pass (T5Config.remat_policy)")
   return p.parse_args(argv)
 
 
@@ -51,7 +53,7 @@ def main(argv=None) -> dict:
   input_len, target_len = (int(x) for x in args.lengths.split(","))
   if args.batch % data:
     raise SystemExit(f"--batch {args.batch} must be a multiple of the data axis ({data})")
-  config = t5_config(args.size, args.family, dtype=args.dtype)
+  config = t5_config(args.size, args.family, dtype=args.dtype, remat_policy=args.remat_policy)
   model = PromptedT5(config, prompt_length=args.prompt_length)
   partitioner = partitioning.Partitioner.create(
       mesh_shape=(data, model_parallel),
@@ -89,7 +91,7 @@ def main(argv=None) -> dict:
       "size": args.size, "family": args.family, "mesh": f"{data}x{model_parallel}",
       "batch": args.batch, "lengths": [input_len, target_len],
       "prompt_length": args.prompt_length, "trainable": args.trainable,
-      "activation_dtype": args.dtype, "params_billions": round(n_params / 1e9, 3),
+      "activation_dtype": args.dtype, "remat_policy": args.remat_policy, "params_billions": round(n_params / 1e9, 3),
       "per_device_gib": round(per_device / gib, 3),
       "arguments_gib": round(mem.argument_size_in_bytes / gib, 3),
       "temporaries_gib": round(mem.temp_size_in_bytes / gib, 3),
@@ -98,7 +100,8 @@ def main(argv=None) -> dict:
   }
   print(f"T5 {args.family} {args.size} ({result['params_billions']}B params), mesh "
         f"{result['mesh']} (data x model), batch {args.batch}, lengths {input_len}/{target_len}, "
-        f"prompt {args.prompt_length}: {result['per_device_gib']} GiB per device "
+        f"prompt {args.prompt_length}, remat {args.remat_policy}: "
+        f"{result['per_device_gib']} GiB per device "
         f"(arguments {result['arguments_gib']}, temporaries {result['temporaries_gib']}); "
         f"compiled in {compile_s:.0f}s")
   print(json.dumps(result))

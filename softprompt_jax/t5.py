@@ -149,8 +149,10 @@ class MultiHeadAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxQxH, kv_BxKxH, bias_BxNxQxK, *, deterministic: bool,
+  def __call__(self, x_BxQxH, kv_BxKxH, biases: tuple, *, deterministic: bool,
                decode: bool = False):
+    """`biases`: additive terms each broadcastable to [B, N, Q, K] (relative positions [1, N, Q, K],
+    padding [B, 1, Q, K]); kept apart so no [B, N, Q, K] bias is ever materialised."""
     inner = self.num_heads * self.head_dim
     emb = x_BxQxH.shape[-1]
     q_init = nn.initializers.variance_scaling(1.0 / self.head_dim, "fan_in", "truncated_normal")
@@ -164,13 +166,12 @@ class MultiHeadAttention(nn.Module):
     v_BxKxNxD = constrain(v_BxKxNxD, ("batch", "length", "heads", "kv"))
 
     if decode:
-      k_BxKxNxD, v_BxKxNxD, bias_BxNxQxK = self._update_cache(k_BxKxNxD, v_BxKxNxD,
-                                                              bias_BxNxQxK)
+      k_BxKxNxD, v_BxKxNxD, biases = self._update_cache(k_BxKxNxD, v_BxKxNxD, biases)
 
     logits_BxNxQxK = jnp.einsum("bqnd,bknd->bnqk", q_BxQxNxD, k_BxKxNxD,
                                 preferred_element_type=jnp.float32)
-    if bias_BxNxQxK is not None:
-      logits_BxNxQxK = logits_BxNxQxK + bias_BxNxQxK.astype(jnp.float32)
+    for bias in biases:
+      logits_BxNxQxK = logits_BxNxQxK + bias.astype(jnp.float32)
     weights_BxNxQxK = jax.nn.softmax(logits_BxNxQxK, axis=-1).astype(self.dtype)
     if not deterministic and self.dropout_rate > 0:
       weights_BxNxQxK = nn.Dropout(self.dropout_rate)(weights_BxNxQxK, deterministic=False)
@@ -179,7 +180,7 @@ class MultiHeadAttention(nn.Module):
     o_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     return Dense(emb, ("joined_kv", "embed"), self.dtype, o_init, name="out")(out_BxQxF)
 
-  def _update_cache(self, k_Bx1xNxD, v_Bx1xNxD, bias_BxNx1xL):
+  def _update_cache(self, k_Bx1xNxD, v_Bx1xNxD, biases):
     """Autoregressive step: write this position's key/value and attend to positions <= it.
 
     The cache is created by a first call with the full decoder length (see `T5.init_cache`);
@@ -191,7 +192,7 @@ class MultiHeadAttention(nn.Module):
                                  v_Bx1xNxD.dtype)
     cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not initialized:
-      return k_Bx1xNxD, v_Bx1xNxD, bias_BxNx1xL
+      return k_Bx1xNxD, v_Bx1xNxD, biases
     if k_Bx1xNxD.shape[1] != 1:
       raise ValueError(f"decode steps take one token at a time, got {k_Bx1xNxD.shape[1]}")
     max_len = cached_key.value.shape[1]
@@ -201,8 +202,7 @@ class MultiHeadAttention(nn.Module):
     cache_index.value = i + 1
     visible_1xL = jnp.arange(max_len)[None, :] <= i
     mask_bias = jnp.where(visible_1xL, 0.0, MASK_BIAS)[None, None]  # [1, 1, 1, L]
-    bias = mask_bias if bias_BxNx1xL is None else bias_BxNx1xL + mask_bias
-    return cached_key.value, cached_value.value, bias
+    return cached_key.value, cached_value.value, tuple(biases) + (mask_bias,)
 
 
 class MLP(nn.Module):
@@ -238,12 +238,12 @@ class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x_BxTxH, bias_BxNxTxT, *, deterministic: bool):
+  def __call__(self, x_BxTxH, biases, deterministic: bool):
     c = self.config
     dt = c.activation_dtype
     y = RMSNorm(c.layer_norm_epsilon, dt, name="pre_attention_layer_norm")(x_BxTxH)
     y = MultiHeadAttention(c.num_heads, c.head_dim, c.dropout_rate, dt, name="attention")(
-        y, y, bias_BxNxTxT, deterministic=deterministic)
+        y, y, biases, deterministic=deterministic)
     x_BxTxH = _residual(self, x_BxTxH, y, deterministic)
     y = RMSNorm(c.layer_norm_epsilon, dt, name="pre_mlp_layer_norm")(x_BxTxH)
     y = MLP(c.mlp_dim, c.mlp_activations, c.dropout_rate, dt, name="mlp")(
@@ -255,23 +255,39 @@ class DecoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, y_BxSxH, encoded_BxTxH, self_bias, cross_bias, *, deterministic: bool,
+  def __call__(self, y_BxSxH, encoded_BxTxH, self_biases, cross_biases, deterministic: bool,
                decode: bool):
     c = self.config
     dt = c.activation_dtype
     z = RMSNorm(c.layer_norm_epsilon, dt, name="pre_self_attention_layer_norm")(y_BxSxH)
     z = MultiHeadAttention(c.num_heads, c.head_dim, c.dropout_rate, dt, name="self_attention")(
-        z, z, self_bias, deterministic=deterministic, decode=decode)
+        z, z, self_biases, deterministic=deterministic, decode=decode)
     y_BxSxH = _residual(self, y_BxSxH, z, deterministic)
     z = RMSNorm(c.layer_norm_epsilon, dt, name="pre_cross_attention_layer_norm")(y_BxSxH)
     z = MultiHeadAttention(c.num_heads, c.head_dim, c.dropout_rate, dt,
                            name="encoder_decoder_attention")(
-                               z, encoded_BxTxH, cross_bias, deterministic=deterministic)
+                               z, encoded_BxTxH, cross_biases, deterministic=deterministic)
     y_BxSxH = _residual(self, y_BxSxH, z, deterministic)
     z = RMSNorm(c.layer_norm_epsilon, dt, name="pre_mlp_layer_norm")(y_BxSxH)
     z = MLP(c.mlp_dim, c.mlp_activations, c.dropout_rate, dt, name="mlp")(
         z, deterministic=deterministic)
     return _residual(self, y_BxSxH, z, deterministic)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    # Keep only each layer's inputs; recompute the rest in the backward pass (~1/3 more work).
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep matmul outputs, recompute the cheap elementwise work.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def rematted(layer_cls, policy: str, static_argnums):
+  """`layer_cls`, rematerialised under `policy` (T5Config.remat_policy); same parameter names."""
+  if policy == "none":
+    return layer_cls
+  return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
 
 
 def attention_mask_bias(query_valid_BxQ, key_valid_BxK) -> jax.Array:
@@ -289,14 +305,15 @@ class Encoder(nn.Module):
     c = self.config
     dt = c.activation_dtype
     t = x_BxTxH.shape[1]
-    bias = RelativePositionBiases(c.relative_attention_num_buckets,
-                                  c.relative_attention_max_distance, c.num_heads, dt,
-                                  name="relpos_bias")(t, t, bidirectional=True)
-    bias = bias + attention_mask_bias(valid_BxT, valid_BxT)
+    relpos_1xNxTxT = RelativePositionBiases(c.relative_attention_num_buckets,
+                                            c.relative_attention_max_distance, c.num_heads, dt,
+                                            name="relpos_bias")(t, t, bidirectional=True)
+    biases = (relpos_1xNxTxT, attention_mask_bias(valid_BxT, valid_BxT))
     x = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(x_BxTxH, deterministic=deterministic)
     x = constrain(x.astype(dt), ("batch", "length", "embed"))
+    layer = rematted(EncoderLayer, c.remat_policy, static_argnums=(3,))
     for i in range(c.num_encoder_layers):
-      x = EncoderLayer(c, name=f"layers_{i}")(x, bias, deterministic=deterministic)
+      x = layer(c, name=f"layers_{i}")(x, biases, deterministic)
     x = RMSNorm(c.layer_norm_epsilon, dt, name="encoder_norm")(x)
     return nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
@@ -321,23 +338,25 @@ class Decoder(nn.Module):
       # One step: the cache supplies the causal mask; the bias row is sliced at the position.
       self_bias = relpos(max_decode_length, max_decode_length, bidirectional=False)
       index = self._step_index()
-      self_bias = jax.lax.dynamic_slice_in_dim(self_bias, index, 1, axis=2)
-    else:
-      self_bias = relpos(s, s, bidirectional=False)
-      causal_SxS = jnp.tril(jnp.ones((s, s), bool))
-      self_bias = self_bias + jnp.where(causal_SxS, 0.0, MASK_BIAS)[None, None]
+      self_biases = (jax.lax.dynamic_slice_in_dim(self_bias, index, 1, axis=2),)
     if decoder_valid_BxS is None:
       decoder_valid_BxS = jnp.ones(decoder_input_tokens_BxS.shape, bool)
     if not step:
-      self_bias = self_bias + attention_mask_bias(decoder_valid_BxS, decoder_valid_BxS)
-    cross_bias = attention_mask_bias(decoder_valid_BxS, encoder_valid_BxT)
+      causal_SxS = jnp.tril(jnp.ones((s, s), bool))
+      self_biases = (relpos(s, s, bidirectional=False)
+                     + jnp.where(causal_SxS, 0.0, MASK_BIAS)[None, None],
+                     attention_mask_bias(decoder_valid_BxS, decoder_valid_BxS))
+    cross_biases = (attention_mask_bias(decoder_valid_BxS, encoder_valid_BxT),)
 
     y = self.token_embedder(decoder_input_tokens_BxS)
     y = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     y = constrain(y.astype(dt), ("batch", "length", "embed"))
+    # The decode path mutates the cache; rematerialisation only pays off in training anyway.
+    layer = DecoderLayer if decode else rematted(DecoderLayer, c.remat_policy,
+                                                  static_argnums=(5, 6))
     for i in range(c.num_decoder_layers):
-      y = DecoderLayer(c, name=f"layers_{i}")(y, encoded_BxTxH, self_bias, cross_bias,
-                                              deterministic=deterministic, decode=decode)
+      y = layer(c, name=f"layers_{i}")(y, encoded_BxTxH, self_biases, cross_biases,
+                                       deterministic, decode)
     y = RMSNorm(c.layer_norm_epsilon, dt, name="decoder_norm")(y)
     y = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     if c.logits_via_embedding:

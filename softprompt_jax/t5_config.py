@@ -34,6 +34,9 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   # Activation dtype; parameters stay float32 whatever this is.
   dtype: str = "float32"
+  # Rematerialisation of each layer in the backward pass: "none", "full" (save only layer
+  # inputs: least memory) or "minimal" (save matmul outputs). Numerics are unchanged.
+  remat_policy: str = "none"
 
   def __post_init__(self):
     if isinstance(self.mlp_activations, list):
@@ -43,6 +46,9 @@ class T5Config:
         raise ValueError(
             f"T5Config.mlp_activations: unknown activation {act!r}; "
             f"use one of {sorted(ACTIVATIONS)}")
+    if self.remat_policy not in ("none", "full", "minimal"):
+      raise ValueError(f"T5Config.remat_policy: {self.remat_policy!r}; use 'none', 'full' or "
+                       "'minimal'")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"T5Config.dtype: {self.dtype!r}; use 'float32', 'bfloat16' or 'float16'")
 
