@@ -101,24 +101,18 @@ def predict_bank(net, params, chunk, tokens, ids, vocab, target_length, get_task
 
 
 def _read_requests(path: pathlib.Path, names, get_task) -> list[dict]:
+  """The request lines, each checked against the bank; errors name file:line and field."""
+  from softprompt_jax.data.readers import located_records
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-      task = row.get("task")
-      if task not in names:
-        raise ConfigError(f"{path}:{line_no}: field 'task' is {task!r}; the prompt bank has "
-                          f"{names}")
-      if "inputs" not in row:
-        if "record" not in row:
-          raise ConfigError(f"{path}:{line_no}: needs field 'inputs' (text) or 'record'")
-        row = {**row, "inputs": get_task(task).format(row["record"])["inputs"]}
-      rows.append(row)
+  for location, row in located_records(path):
+    task = row.get("task")
+    if task not in names:
+      raise ConfigError(f"{location}: field 'task' is {task!r}; the prompt bank has {names}")
+    if "inputs" not in row:
+      if "record" not in row:
+        raise ConfigError(f"{location}: needs field 'inputs' (text) or 'record'")
+      row = {**row, "inputs": get_task(task).format(row["record"])["inputs"]}
+    rows.append(row)
   return rows
 
 

@@ -121,15 +121,16 @@ def _fill(rng, shape, embedding_VxH, head_KxH, num_tokens):
   return jnp.concatenate([head, rest], axis=1).reshape(shape)
 
 
-def from_array(values) -> PromptInit:
-  """A fixed [P, H] (or [N, P, H]) array; a shape mismatch names both shapes."""
+def from_array(values, source: Optional[str] = None) -> PromptInit:
+  """A fixed [P, H] (or [N, P, H]) array; a shape mismatch names both shapes (and `source`)."""
   values = np.asarray(values, np.float32)
+  where = f"{source}: " if source else ""
 
   def init(rng, shape, embedding_VxH=None):
     del rng, embedding_VxH
     if tuple(values.shape) != tuple(shape):
-      raise PromptShapeError(f"prompt values have shape {tuple(values.shape)} but the model's "
-                             f"prompt is {tuple(shape)} ([prompt_length, d_model])")
+      raise PromptShapeError(f"{where}prompt values have shape {tuple(values.shape)} but the "
+                             f"model's prompt is {tuple(shape)} ([prompt_length, d_model])")
     return jnp.asarray(values)
 
   return init
@@ -137,16 +138,7 @@ def from_array(values) -> PromptInit:
 
 def from_npy(path: str) -> PromptInit:
   """A prompt saved as `.npy` float32 [P, H] (the released prompts' format); never unpickles."""
-  values = load_npy(path)
-  inner = from_array(values)
-
-  def init(rng, shape, embedding_VxH=None):
-    try:
-      return inner(rng, shape, embedding_VxH)
-    except PromptShapeError as e:
-      raise PromptShapeError(f"{path}: {e}") from None
-
-  return init
+  return from_array(load_npy(path), source=str(path))
 
 
 def load_npy(path: str) -> np.ndarray:
@@ -179,16 +171,7 @@ def save_npy(path: str, prompt_PxH) -> None:
 def from_t5x_checkpoint(path: str, variable: str = "prompt/prompt") -> PromptInit:
   """A prompt variable stored in a t5x checkpoint (e.g. a prompt-tuning run's output)."""
   from softprompt_jax.checkpoints.prompt_variable import read_checkpoint_variable
-  values = read_checkpoint_variable(path, variable)
-  inner = from_array(values)
-
-  def init(rng, shape, embedding_VxH=None):
-    try:
-      return inner(rng, shape, embedding_VxH)
-    except PromptShapeError as e:
-      raise PromptShapeError(f"{path} ({variable}): {e}") from None
-
-  return init
+  return from_array(read_checkpoint_variable(path, variable), source=f"{path} ({variable})")
 
 
 def _require_embedding(embedding_VxH: Optional[jax.Array], name: str):
