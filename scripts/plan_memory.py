@@ -30,6 +30,7 @@ def parse_args(argv=None):
   p.add_argument("--parameter_partitioning_dims", type=int, default=1, choices=[1, 2])
   p.add_argument("--activation_partitioning_dims", type=int, default=1, choices=[1, 2])
   p.add_argument("--trainable", default=".*prompt.*", help="regex; '.*' plans model tuning")
+  p.add_argument("--dropout_rate", type=float, default=0.1)
   p.add_argument("--remat_policy", default="none", choices=["none", "full", "minimal"],
                  help="rematerialise each layer in the backward pass (T5Config.remat_policy)")
   return p.parse_args(argv)
@@ -53,7 +54,8 @@ def main(argv=None) -> dict:
   input_len, target_len = (int(x) for x in args.lengths.split(","))
   if args.batch % data:
     raise SystemExit(f"--batch {args.batch} must be a multiple of the data axis ({data})")
-  config = t5_config(args.size, args.family, dtype=args.dtype, remat_policy=args.remat_policy)
+  config = t5_config(args.size, args.family, dtype=args.dtype, remat_policy=args.remat_policy,
+                     dropout_rate=args.dropout_rate)
   model = PromptedT5(config, prompt_length=args.prompt_length)
   partitioner = partitioning.Partitioner.create(
       mesh_shape=(data, model_parallel),
