@@ -14,7 +14,7 @@ from softprompt_jax import interpret, prompts
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
 from softprompt_jax.tokenizers import get_vocabulary
-from softprompt_jax.trainer import ConfigError, predict, run_eval, run_prompt, setup_run
+from softprompt_jax.trainer import ConfigError, run_eval, run_prompt, setup_run
 
 
 def _prompt_values(source) -> np.ndarray:

@@ -7,7 +7,7 @@ written for t5x's `network.T5Config` reads the same here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -147,6 +147,3 @@ def tiny_config(family: str = "t5_1_1", **overrides) -> T5Config:
   fields.update(overrides)
   return T5Config(**fields)
 
-
-def as_tuple(x: Sequence[str] | str) -> tuple[str, ...]:
-  return (x,) if isinstance(x, str) else tuple(x)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import pathlib
 import time
 from typing import Callable, Optional, Sequence
@@ -18,7 +17,6 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict
 
 from softprompt_jax import decoding, optim, partitioning, prompts
 from softprompt_jax import train_step as ts
@@ -122,7 +120,7 @@ def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_
 # Evaluation
 
 
-def predict(model, params, task, examples_batch, vocabulary, partitioner, target_length: int,
+def predict(model, params, task, examples_batch, vocabulary, target_length: int,
             **encoder_kwargs) -> list[str]:
   """Text predictions for one host-local batch: rank classification when the task has a fixed
   label set (as T5 evaluates classification), greedy decoding otherwise."""
@@ -147,7 +145,7 @@ def run_eval(setup: Setup, params, split: str, *, data_source, batch_size: int,
   examples, predictions = [], []
   for batch in stream:
     texts = predict(setup.model, params, setup.task, batch.arrays, setup.vocabulary,
-                    setup.partitioner, target_length)
+                    target_length)
     real = [i for i, keep in enumerate(batch.mask) if keep]
     examples += [batch.examples[i] for i in real]
     predictions += [texts[i] for i in real]

@@ -11,7 +11,6 @@ previous checkpoints intact and the partial one invisible.
 from __future__ import annotations
 
 import hashlib
-import os
 import pathlib
 from typing import Any, Optional
 
