@@ -52,10 +52,10 @@ SHORT_TARGET = 16
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--steps", type=int, default=3000)
-  p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--learning_rate", type=float, default=2e-3, help="Adam's peak learning rate")
-  p.add_argument("--relpos_lr_scale", type=float, default=30.0,
+  p.add_argument("--steps", type=int, default=4000)
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--learning_rate", type=float, default=1e-3, help="Adam's peak learning rate")
+  p.add_argument("--relpos_lr_scale", type=float, default=50.0,
                  help="learning rate multiplier of the relative position biases")
   p.add_argument("--warmup_steps", type=int, default=200)
   p.add_argument("--train_examples", type=int, default=20000,
@@ -67,10 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--mlp_dim", type=int, default=256)
   p.add_argument("--num_encoder_layers", type=int, default=3)
   p.add_argument("--num_decoder_layers", type=int, default=2)
-  p.add_argument("--eval_every", type=int, default=500, help="0: evaluate only at the end")
+  p.add_argument("--eval_every", type=int, default=1000, help="0: evaluate only at the end")
   p.add_argument("--eval_examples", type=int, default=50,
                  help="validation examples per task in the evaluations during training")
-  p.add_argument("--log_every", type=int, default=50)
+  p.add_argument("--log_every", type=int, default=100)
   p.add_argument("--no_save", action="store_true", help="train and evaluate only (calibration)")
   return p.parse_args(argv)
 
@@ -130,7 +130,8 @@ def grouped_streams(records: dict[str, list[dict]], held_out: dict[str, list[dic
   streams = [pipeline.train_batches(
       [f"synthetic_{n}" for n in names], "train", VOCAB, batch_size=batch_size,
       input_length=input_length, target_length=length, seed=seed,
-      source={f"synthetic_{n}": {"train": records[n]} for n in names})
+      source=[{"train": records[n]} for n in names] if len(names) > 1
+      else {"train": records[names[0]]})
       for names, length in groups if names]
   sizes = [stream.num_examples for stream in streams]
   return streams, [n / sum(sizes) for n in sizes]
@@ -241,7 +242,7 @@ def main(argv=None) -> None:
   window_start, losses = time.time(), []
   for step in range(1, args.steps + 1):
     batch = next(streams[choose.choice(len(streams), p=weights)])
-    batch.pop("prompt_ids")  # a mixture's per-task prompt ids: a plain T5 takes none
+    batch.pop("prompt_ids", None)  # a mixture's per-task prompt ids: a plain T5 takes none
     state, metrics = train(state, frozen, batch, rng)
     losses.append(metrics["loss"])
     if step % args.log_every == 0 or step == args.steps:
@@ -287,7 +288,8 @@ def main(argv=None) -> None:
                args.train_examples, "input_length": input_length,
                "target_length": target_length, "mixing": "proportional"},
       "optimizer": f"adam, clip 1.0, warmup {args.warmup_steps} then cosine decay to 0, "
-                   f"peak lr {args.learning_rate}",
+                   f"peak lr {args.learning_rate} ({args.relpos_lr_scale}x for the relative "
+                   "position biases)",
       "training_seconds": round(train_seconds, 1),
       "eval_seconds": round(eval_seconds, 1),
       "final_loss": history[-1]["loss"] if history else None,

@@ -106,6 +106,16 @@ def _export(args, extra) -> int:
   return 0
 
 
+def _demo(args, extra) -> int:
+  if extra:
+    raise SystemExit(f"softprompt-jax demo: unknown arguments {extra}")
+  from softprompt_jax.demo import run_demo
+  run_demo(args.run_dir, task_name=args.task, prompt_length=args.prompt_length, steps=args.steps,
+           model_tuning_steps=args.model_tuning_steps, eval_examples=args.eval_examples,
+           seed=args.seed)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="softprompt-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument("--model_dir", required=True)
   exp.add_argument("--out", required=True, help="FILE.npy, or a directory for a PEFT adapter")
   exp.set_defaults(run=_export)
+  demo = sub.add_parser("demo", help="prompt tuning on the shipped tiny T5, offline, in minutes")
+  demo.add_argument("--run_dir", default="demo_run")
+  demo.add_argument("--task", default="sentiment", help="a synthetic task, shown without its "
+                    "written instruction")
+  demo.add_argument("--prompt_length", type=int, default=20)
+  demo.add_argument("--steps", type=int, default=300)
+  demo.add_argument("--model_tuning_steps", type=int, default=300)
+  demo.add_argument("--eval_examples", type=int, default=200)
+  demo.add_argument("--seed", type=int, default=0)
+  demo.set_defaults(run=_demo)
   gen = sub.add_parser("generate", help="load a T5 checkpoint and decode some inputs")
   gen.add_argument("--checkpoint", help="t5x or Hugging Face checkpoint (default: a tiny random "
                    "model written on the fly)")
