@@ -3,22 +3,22 @@
 A ByT5-style model (byte vocabulary, 384 embedding rows, gated GELU, separate logits layer) is
 trained from scratch, all weights, on the mixture of every `synthetic_<name>` task: each input
 starts with its written instruction ("reverse the words: cat dog apple"). The same word lists
-serve every task, so without the instruction the input does not say which task is meant; the
-model learns tasks only through their instruction, which leaves the taskless versions as
-headroom for a soft prompt (issue #6).
+serve every task (in training, half the lists of the other tasks also hold sentiment words), so
+without the instruction the input does not say which task is meant; the model learns tasks only
+through their instruction, which leaves the taskless versions as headroom for a soft prompt
+(issue #6).
 
 Everything (data, data order, init) follows from --seed. The output directory gets the
 checkpoint as save_hf_t5 writes it (config.json + model.safetensors, which load_t5 reads) and
 manifest.json: config, seed, command, training time, per-task validation accuracies with and
 without the instruction, and the sha256 of every file.
 
-  nice python scripts/pretrain_tiny.py --seed 0
+  nice python scripts/pretrain_tiny.py --seed 0   # the defaults made the shipped checkpoint
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pathlib
@@ -36,6 +36,7 @@ from softprompt_jax import optim, train_step
 from softprompt_jax.checkpoints.hf_writer import save_hf_t5
 from softprompt_jax.data import pipeline, synthetic
 from softprompt_jax.decoding import greedy_decode, rank_classify
+from softprompt_jax.pretrained import sha256
 from softprompt_jax.t5 import T5, init_params
 from softprompt_jax.t5_config import t5_config
 from softprompt_jax.tokenizers import ByteVocabulary, pad_batch
@@ -194,14 +195,6 @@ def make_optimizer(params, args) -> optax.GradientTransformation:
   base = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule),
                      optax.masked(optax.scale(args.relpos_lr_scale), relpos))
   return optim.masked_optimizer(base, optim.param_labels(params, optim.MODEL_TUNING))
-
-
-def sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def main(argv=None) -> None:

@@ -20,7 +20,8 @@ class ChecksumError(ValueError):
   """A shipped file whose sha256 is not the one its manifest records."""
 
 
-def _sha256(path: pathlib.Path) -> str:
+def sha256(path: pathlib.Path) -> str:
+  """Hex sha256 of a file, read in 1 MiB blocks."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -46,7 +47,7 @@ def verify_checksums(path: os.PathLike | str = TINY_MODEL_DIR) -> None:
     file = path / name
     if not file.is_file():
       raise FileNotFoundError(f"{file}: listed in {MANIFEST} but missing")
-    actual = _sha256(file)
+    actual = sha256(file)
     if actual != digest:
       raise ChecksumError(f"{file}: sha256 {actual} differs from {digest} in {MANIFEST} (the "
                           "file is corrupt or was changed after pretraining)")
