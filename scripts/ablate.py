@@ -7,6 +7,7 @@ For every prompt length in {1, 5, 20, 100} and init in {random uniform, sampled 
 class label}, and several seeds, a soft prompt is trained on the taskless task (the instruction
 removed) and scored by held-out exact-match accuracy (greedy decoding). Writes results.jsonl, a
 table (table.md) with mean and standard deviation over seeds, and plot.png. The last line is JSON.
+Class-label init needs a slot per label, so prompts shorter than the label set are n/a there.
 """
 
 from __future__ import annotations
@@ -52,11 +53,19 @@ def main(argv=None) -> dict:
   task = get_task(f"taskless_synthetic_{args.task}")
   lengths = [int(x) for x in args.lengths.split(",")]
   seeds = [int(x) for x in args.seeds.split(",")]
-  results = []
+  results_file = out / "results.jsonl"
+  # Rows already measured (an interrupted ablation continues where it stopped).
+  results = ([json.loads(l) for l in results_file.read_text().splitlines() if l.strip()]
+             if results_file.exists() else [])
+  done = {(r["prompt_length"], r["init"], r["seed"]) for r in results}
   start = time.time()
   for length in lengths:
     for init_name in INITS:
+      if init_name == "class_labels" and length < len(task.choices):
+        continue  # the labels do not fit the prompt: the cell is reported as n/a
       for seed in seeds:
+        if (length, init_name, seed) in done:
+          continue
         run = out / f"p{length}_{init_name}_s{seed}"
         shutil.rmtree(run, ignore_errors=True)
         train(model_dir=str(run), model=spec, task=task.name, vocabulary="byte",
@@ -71,7 +80,7 @@ def main(argv=None) -> dict:
         accuracy = _accuracy(model, {**frozen, "prompt": {"prompt": prompt}}, task, test, vocab)
         row = {"prompt_length": length, "init": init_name, "seed": seed, "accuracy": accuracy}
         results.append(row)
-        with open(out / "results.jsonl", "a") as f:
+        with open(results_file, "a") as f:
           f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)  # keep the folder small
@@ -84,6 +93,9 @@ def main(argv=None) -> dict:
     for length in lengths:
       accs = [r["accuracy"] for r in results
               if r["init"] == init_name and r["prompt_length"] == length]
+      if not accs:
+        cells.append("n/a")
+        continue
       summary[f"{init_name}/{length}"] = (float(np.mean(accs)), float(np.std(accs)))
       cells.append(f"{np.mean(accs):.3f} ± {np.std(accs):.3f}")
     table.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -104,9 +116,10 @@ def _plot(path, lengths, summary):
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
   for init_name, label in INITS.items():
-    means = [summary[f"{init_name}/{n}"][0] for n in lengths]
-    stds = [summary[f"{init_name}/{n}"][1] for n in lengths]
-    ax.errorbar(lengths, means, yerr=stds, marker="o", capsize=3, label=label)
+    xs = [n for n in lengths if f"{init_name}/{n}" in summary]
+    means = [summary[f"{init_name}/{n}"][0] for n in xs]
+    stds = [summary[f"{init_name}/{n}"][1] for n in xs]
+    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
   ax.set_xscale("log")
   ax.set_xticks(lengths, [str(n) for n in lengths])
   ax.set_xlabel("prompt length")
