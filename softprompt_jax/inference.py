@@ -85,7 +85,7 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
       pad = batch_size - len(chunk)  # one compiled shape for every batch
       tokens = np.pad(tokens, ((0, pad), (0, 0)))
       ids = np.pad(ids, (0, pad))
-      decoded = predict_bank(net, params, chunk, tokens, ids, vocab, target_length, get_task)
+      decoded = predict_bank(net, params, chunk, tokens, ids, vocab, target_length)
       for row, text in zip(chunk, decoded):
         out.write(json.dumps({"task": row["task"], "inputs": row["inputs"],
                               "prediction": text}) + "\n")
@@ -93,7 +93,7 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
   return len(rows)
 
 
-def predict_bank(net, params, chunk, tokens, ids, vocab, target_length, get_task) -> list[str]:
+def predict_bank(net, params, chunk, tokens, ids, vocab, target_length) -> list[str]:
   """Greedy decoding of a mixed-task batch (one compiled program whatever the task mix)."""
   from softprompt_jax import decoding
   decoded = np.asarray(decoding.greedy_decode(net, params, tokens, target_length, prompt_ids=ids))

@@ -162,20 +162,12 @@ class Partitioner:
     """A `load_t5(place=...)` callable: each array goes straight into its shards, one at a
     time, so a host never holds more than one full parameter besides its own shards."""
     flat = flatten_dict(shardings)
-
-    def put(path, array):
-      sharding = flat[tuple(path)]
-      return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-    return put
+    return lambda path, array: _to_shards(array, flat[tuple(path)])
 
   def put(self, tree, shardings):
     """Host values (identical on every process) -> global arrays with `shardings`; each
     device receives only its own slice."""
-    def one(x, sharding):
-      x = np.asarray(x)
-      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-    return jax.tree_util.tree_map(one, tree, shardings)
+    return jax.tree_util.tree_map(_to_shards, tree, shardings)
 
   def shard_batch(self, local_batch: dict, global_batch_size: int) -> dict:
     """Global arrays from this process's rows (see `process_rows`); works on one host too."""
@@ -190,6 +182,12 @@ class Partitioner:
   def process_rows(self, global_batch_size: int) -> slice:
     """The rows of each global batch that this process feeds (it reads only these)."""
     return process_rows(self.batch_sharding, global_batch_size)
+
+
+def _to_shards(host_value, sharding: NamedSharding) -> jax.Array:
+  """A global array from a value every process holds whole: each device copies its slice."""
+  x = np.asarray(host_value)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 class _Context:
