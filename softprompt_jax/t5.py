@@ -150,55 +150,68 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxQxH, kv_BxKxH, biases: tuple, *, deterministic: bool,
-               decode: bool = False):
+               decode: bool = False, cache_kv_projections: bool = False):
     """`biases`: additive terms each broadcastable to [B, N, Q, K] (relative positions [1, N, Q, K],
-    padding [B, 1, Q, K]); kept apart so no [B, N, Q, K] bias is ever materialised."""
+    padding [B, 1, Q, K]); kept apart so no [B, N, Q, K] bias is ever materialised.
+
+    `cache_kv_projections` (cross-attention while decoding): the keys and values of the fixed
+    encoder outputs are projected once, by the call that creates the cache, and read back at
+    every step instead of being recomputed.
+    """
     inner = self.num_heads * self.head_dim
     emb = x_BxQxH.shape[-1]
     q_init = nn.initializers.variance_scaling(1.0 / self.head_dim, "fan_in", "truncated_normal")
     q = Dense(inner, ("embed", "joined_kv"), self.dtype, q_init, name="query")(x_BxQxH)
-    k = Dense(inner, ("embed", "joined_kv"), self.dtype, name="key")(kv_BxKxH)
-    v = Dense(inner, ("embed", "joined_kv"), self.dtype, name="value")(kv_BxKxH)
     split = lambda t: t.reshape(t.shape[:2] + (self.num_heads, self.head_dim))
-    q_BxQxNxD, k_BxKxNxD, v_BxKxNxD = split(q), split(k), split(v)
-    q_BxQxNxD = constrain(q_BxQxNxD, ("batch", "length", "heads", "kv"))
-    k_BxKxNxD = constrain(k_BxKxNxD, ("batch", "length", "heads", "kv"))
-    v_BxKxNxD = constrain(v_BxKxNxD, ("batch", "length", "heads", "kv"))
+    q_BxQxNxD = constrain(split(q), ("batch", "length", "heads", "kv"))
+    # Keys and values head-major, the layout of the batched attention matmuls: on CPU the other
+    # layout costs a transpose of every cached key and value at every decoding step.
+    heads_first = lambda t: constrain(split(t).transpose(0, 2, 1, 3),
+                                      ("batch", "heads", "length", "kv"))
+    if cache_kv_projections and self.has_variable("cache", "projected_key"):
+      k_BxNxKxD = self.get_variable("cache", "projected_key")
+      v_BxNxKxD = self.get_variable("cache", "projected_value")
+    else:
+      project = lambda name: Dense(inner, ("embed", "joined_kv"), self.dtype, name=name)(kv_BxKxH)
+      k_BxNxKxD, v_BxNxKxD = heads_first(project("key")), heads_first(project("value"))
+      if cache_kv_projections:
+        self.put_variable("cache", "projected_key", k_BxNxKxD)
+        self.put_variable("cache", "projected_value", v_BxNxKxD)
 
     if decode:
-      k_BxKxNxD, v_BxKxNxD, biases = self._update_cache(k_BxKxNxD, v_BxKxNxD, biases)
+      k_BxNxKxD, v_BxNxKxD, biases = self._update_cache(k_BxNxKxD, v_BxNxKxD, biases)
 
-    logits_BxNxQxK = jnp.einsum("bqnd,bknd->bnqk", q_BxQxNxD, k_BxKxNxD,
+    logits_BxNxQxK = jnp.einsum("bqnd,bnkd->bnqk", q_BxQxNxD, k_BxNxKxD,
                                 preferred_element_type=jnp.float32)
     for bias in biases:
       logits_BxNxQxK = logits_BxNxQxK + bias.astype(jnp.float32)
     weights_BxNxQxK = jax.nn.softmax(logits_BxNxQxK, axis=-1).astype(self.dtype)
     if not deterministic and self.dropout_rate > 0:
       weights_BxNxQxK = nn.Dropout(self.dropout_rate)(weights_BxNxQxK, deterministic=False)
-    out_BxQxNxD = jnp.einsum("bnqk,bknd->bqnd", weights_BxNxQxK, v_BxKxNxD)
+    out_BxQxNxD = jnp.einsum("bnqk,bnkd->bqnd", weights_BxNxQxK, v_BxNxKxD)
     out_BxQxF = out_BxQxNxD.reshape(out_BxQxNxD.shape[:2] + (inner,))
     o_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     return Dense(emb, ("joined_kv", "embed"), self.dtype, o_init, name="out")(out_BxQxF)
 
-  def _update_cache(self, k_Bx1xNxD, v_Bx1xNxD, biases):
+  def _update_cache(self, k_BxNx1xD, v_BxNx1xD, biases):
     """Autoregressive step: write this position's key/value and attend to positions <= it.
 
     The cache is created by a first call with the full decoder length (see `T5.init_cache`);
     that call only shapes the cache and attends normally.
     """
     initialized = self.has_variable("cache", "cached_key")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, k_Bx1xNxD.shape, k_Bx1xNxD.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, v_Bx1xNxD.shape,
-                                 v_Bx1xNxD.dtype)
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BxNx1xD.shape, k_BxNx1xD.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BxNx1xD.shape,
+                                 v_BxNx1xD.dtype)
     cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not initialized:
-      return k_Bx1xNxD, v_Bx1xNxD, biases
-    if k_Bx1xNxD.shape[1] != 1:
-      raise ValueError(f"decode steps take one token at a time, got {k_Bx1xNxD.shape[1]}")
-    max_len = cached_key.value.shape[1]
+      return k_BxNx1xD, v_BxNx1xD, biases
+    if k_BxNx1xD.shape[2] != 1:
+      raise ValueError(f"decode steps take one token at a time, got {k_BxNx1xD.shape[2]}")
+    max_len = cached_key.value.shape[2]
     i = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_Bx1xNxD, (0, i, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_Bx1xNxD, (0, i, 0, 0))
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_BxNx1xD, (0, 0, i, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_BxNx1xD, (0, 0, i, 0))
     cache_index.value = i + 1
     visible_1xL = jnp.arange(max_len)[None, :] <= i
     mask_bias = jnp.where(visible_1xL, 0.0, MASK_BIAS)[None, None]  # [1, 1, 1, L]
@@ -266,7 +279,8 @@ class DecoderLayer(nn.Module):
     z = RMSNorm(c.layer_norm_epsilon, dt, name="pre_cross_attention_layer_norm")(y_BxSxH)
     z = MultiHeadAttention(c.num_heads, c.head_dim, c.dropout_rate, dt,
                            name="encoder_decoder_attention")(
-                               z, encoded_BxTxH, cross_biases, deterministic=deterministic)
+                               z, encoded_BxTxH, cross_biases, deterministic=deterministic,
+                               cache_kv_projections=decode)
     y_BxSxH = _residual(self, y_BxSxH, z, deterministic)
     z = RMSNorm(c.layer_norm_epsilon, dt, name="pre_mlp_layer_norm")(y_BxSxH)
     z = MLP(c.mlp_dim, c.mlp_activations, c.dropout_rate, dt, name="mlp")(
