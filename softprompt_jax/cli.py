@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 import pathlib
 import sys
 import tempfile
 import time
 
+TRACEBACK_ENV = "SOFTPROMPT_JAX_TRACEBACK"
+# Exit status of a run stopped by a configuration or input error (argparse's usage status).
+USAGE_STATUS = 2
+
+
+class UsageError(ValueError):
+  """A command line that cannot work (an unknown argument, a missing option)."""
+
 
 def _generate(args, extra=()) -> int:
   if extra:
-    raise SystemExit(f"softprompt-jax generate: unknown arguments {extra}")
+    raise UsageError(f"unknown arguments {extra}")
   import jax
   import numpy as np
 
@@ -19,7 +29,10 @@ def _generate(args, extra=()) -> int:
   from softprompt_jax.loading import load_t5
   from softprompt_jax.tokenizers import get_vocabulary
 
-  vocab = get_vocabulary(args.vocab)
+  try:
+    vocab = get_vocabulary(args.vocab)
+  except ValueError as e:  # an unknown name, or a file that is no SentencePiece model
+    raise UsageError(f"--vocab: {e}") from None
   checkpoint = args.checkpoint
   if checkpoint is None:
     checkpoint = _write_tiny_random_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "tiny_t5",
@@ -63,44 +76,96 @@ def _write_tiny_random_checkpoint(directory: pathlib.Path, seed: int) -> pathlib
 
 def _gin_run(args, extra) -> int:
   """train / eval / infer / interpret: parse gin as t5x does, then call the bound function."""
-  import gin
-
   from softprompt_jax import gin_setup
   bindings = list(args.gin_bindings)
   for item in extra:
     if not item.startswith("--gin."):
-      raise SystemExit(f"softprompt-jax {args.command}: unknown argument {item!r} (gin bindings "
-                       "are written --gin.PARAM=VALUE)")
+      raise UsageError(f"unknown argument {item!r} (gin bindings are written --gin.PARAM=VALUE)")
     bindings.append(item[len("--gin."):])
   if not args.gin_file and args.command != "interpret":
-    raise SystemExit(f"softprompt-jax {args.command}: give at least one --gin_file (e.g. "
-                     "runs/smoke.gin)")
+    raise UsageError("give at least one --gin_file (e.g. runs/smoke.gin)")
+  if args.command == "interpret" and not args.model_dir:
+    raise UsageError("give --model_dir (the run to read)")
   gin_setup.parse(args.gin_file, bindings, args.model_dir)
   configurables = gin_setup.register()
   name = {"train": "train", "eval": "evaluate", "infer": "infer",
           "interpret": "interpret"}[args.command]
-  if args.model_dir and args.command == "train":
-    run_dir = pathlib.Path(args.model_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.gin").write_text(gin.config_str())
+  passed = {"model_dir": args.model_dir} if args.command == "interpret" else {}
+  _check_required_bound(name, configurables[name], passed)
   if args.command == "interpret":
-    if not args.model_dir:
-      raise SystemExit("softprompt-jax interpret: give --model_dir (the run to read)")
-    result = configurables[name](model_dir=args.model_dir)
+    configurables[name](**passed)
     print(f"wrote {pathlib.Path(args.model_dir) / 'interpretation.json'}")
     return 0
+  if args.command == "train":
+    run_dir = args.model_dir or _bound_value("train.model_dir")
+    if not run_dir:
+      raise UsageError("give --model_dir (the run directory, where checkpoints and logs go)")
+    return _train(pathlib.Path(run_dir), configurables[name])
   result = configurables[name]()
-  if args.model_dir and args.command == "train":
-    (pathlib.Path(args.model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
   if args.command == "infer":
     print(f"wrote {result} predictions")
   return 0
 
 
+def _check_required_bound(name: str, fn, passed: dict) -> None:
+  """A required parameter left unbound is a configuration error, not a TypeError mid-call."""
+  import gin
+
+  from softprompt_jax.trainer import ConfigError
+  for param in inspect.signature(fn).parameters.values():
+    if param.default is not inspect.Parameter.empty or param.name in passed:
+      continue
+    try:
+      gin.query_parameter(f"{name}.{param.name}")
+    except ValueError:
+      hint = " (or give --model_dir)" if param.name == "model_dir" else ""
+      raise ConfigError(f"{name}.{param.name} is not set: bind it in a gin file or with "
+                        f"--gin.{name}.{param.name}=...{hint}") from None
+
+
+def _bound_value(selector: str):
+  """The value gin binds to `selector`, through one macro (`train.model_dir = %MODEL_DIR`)."""
+  import gin
+  value = gin.query_parameter(selector)
+  if isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro":
+    value = gin.query_parameter(str(value))  # "%NAME" queries the macro
+  return value
+
+
+def _train(run_dir: pathlib.Path, train) -> int:
+  """Records the configuration in the run directory; a run that fails before its first
+  checkpoint (a configuration error) leaves the directory as it found it."""
+  import gin
+  created = not run_dir.exists()
+  config_file = run_dir / "config.gin"
+  previous = config_file.read_text() if config_file.is_file() else None
+  steps_before = _checkpoint_names(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  config_file.write_text(gin.config_str())
+  try:
+    train()
+  except BaseException:
+    if _checkpoint_names(run_dir) == steps_before:  # nothing trained: undo the record
+      if previous is None:
+        config_file.unlink(missing_ok=True)
+      else:
+        config_file.write_text(previous)
+      if created and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+    raise
+  (run_dir / "operative_config.gin").write_text(gin.operative_config_str())
+  return 0
+
+
+def _checkpoint_names(run_dir: pathlib.Path) -> list[str]:
+  directory = run_dir / "checkpoints"
+  return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+
 def _export(args, extra) -> int:
   from softprompt_jax.inference import export_prompt
   if extra:
-    raise SystemExit(f"softprompt-jax export: unknown arguments {extra}")
+    raise UsageError(f"unknown arguments {extra}")
   out = export_prompt(args.model_dir, args.out)
   print(f"wrote {out}")
   return 0
@@ -108,7 +173,7 @@ def _export(args, extra) -> int:
 
 def _demo(args, extra) -> int:
   if extra:
-    raise SystemExit(f"softprompt-jax demo: unknown arguments {extra}")
+    raise UsageError(f"unknown arguments {extra}")
   from softprompt_jax.demo import run_demo
   run_demo(args.run_dir, task_name=args.task, prompt_length=args.prompt_length, steps=args.steps,
            model_tuning_steps=args.model_tuning_steps, eval_examples=args.eval_examples,
@@ -118,23 +183,31 @@ def _demo(args, extra) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="softprompt-jax", description=__doc__)
+  traceback_help = (f"on a configuration or input error, show the full traceback rather than "
+                    f"one line (also {TRACEBACK_ENV}=1)")
+  parser.add_argument("--traceback", action="store_true", help=traceback_help)
   sub = parser.add_subparsers(dest="command", required=True)
+  # Accepted after the command too; SUPPRESS keeps a subcommand from resetting the flag.
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                      help=traceback_help)
   for command, text in [("train", "prompt-tune (resumes when run again)"),
                         ("eval", "evaluate a trained prompt on a split"),
                         ("infer", "predict a JSONL file with a bank of prompts"),
                         ("interpret", "nearest vocabulary tokens of a run's prompt")]:
-    p = sub.add_parser(command, help=text)
+    p = sub.add_parser(command, help=text, parents=[common])
     p.add_argument("--gin_file", action="append", default=[],
                    help="gin file (repeatable, applied in order; looked up in ./ and configs/)")
     p.add_argument("--gin_bindings", action="append", default=[],
                    help="a gin binding, e.g. 'train.num_steps = 100' (also --gin.PARAM=VALUE)")
     p.add_argument("--model_dir", help="the run directory; sets the gin macro MODEL_DIR")
     p.set_defaults(run=_gin_run)
-  exp = sub.add_parser("export", help="write a run's best (else latest) prompt")
+  exp = sub.add_parser("export", help="write a run's best (else latest) prompt", parents=[common])
   exp.add_argument("--model_dir", required=True)
   exp.add_argument("--out", required=True, help="FILE.npy, or a directory for a PEFT adapter")
   exp.set_defaults(run=_export)
-  demo = sub.add_parser("demo", help="prompt tuning on the shipped tiny T5, offline, in minutes")
+  demo = sub.add_parser("demo", help="prompt tuning on the shipped tiny T5, offline, in minutes",
+                        parents=[common])
   demo.add_argument("--run_dir", default="demo_run")
   demo.add_argument("--task", default="sentiment", help="a synthetic task, shown without its "
                     "written instruction")
@@ -144,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--eval_examples", type=int, default=200)
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(run=_demo)
-  gen = sub.add_parser("generate", help="load a T5 checkpoint and decode some inputs")
+  gen = sub.add_parser("generate", help="load a T5 checkpoint and decode some inputs",
+                       parents=[common])
   gen.add_argument("--checkpoint", help="t5x or Hugging Face checkpoint (default: a tiny random "
                    "model written on the fly)")
   gen.add_argument("--vocab", default="byte", help="'byte' (ByT5) or a SentencePiece .model file")
@@ -162,8 +236,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """Runs a command; returns its exit status. A configuration or input error (see
+  `is_user_error`) prints one line, `softprompt-jax COMMAND: error: MESSAGE`, and returns 2;
+  anything else (a bug) propagates with its traceback."""
   args, extra = build_parser().parse_known_args(argv)
-  return args.run(args, extra)
+  try:
+    return args.run(args, extra)
+  except Exception as error:
+    show_traceback = args.traceback or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    if show_traceback or not is_user_error(error):
+      raise
+    print(f"softprompt-jax {args.command}: error: {one_line(error)}", file=sys.stderr)
+    return USAGE_STATUS
+
+
+def is_user_error(error: BaseException) -> bool:
+  """Errors whose message says what is wrong with the configuration or the inputs and what to
+  do; a traceback would only hide it. (Imported here: the modules are loaded by then.)"""
+  if isinstance(error, UsageError):
+    return True
+  from softprompt_jax import prompts
+  from softprompt_jax.checkpoints.reader import CheckpointError
+  from softprompt_jax.data.readers import DataError
+  from softprompt_jax.data.tasks import RecordError, UnknownTaskError
+  from softprompt_jax.gin_setup import unwrap
+  from softprompt_jax.pretrained import ChecksumError
+  from softprompt_jax.trainer import ConfigError, NumericalError
+  user_errors = (UsageError, ConfigError, NumericalError, DataError, RecordError,
+                 UnknownTaskError, CheckpointError, prompts.PromptShapeError,
+                 prompts.PromptFileError, ChecksumError, FileNotFoundError, NotADirectoryError,
+                 IsADirectoryError, PermissionError)
+  return isinstance(unwrap(error), user_errors)
+
+
+def one_line(error: BaseException, max_parts: int = 12) -> str:
+  """The error's message on one line: gin's appended call location dropped, the lines of a
+  multi-line message (a checkpoint mismatch lists one array a line) joined with '; '."""
+  from softprompt_jax.gin_setup import unwrap
+  lines = [line.strip() for line in str(unwrap(error)).splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  if len(lines) > max_parts:
+    lines = lines[:max_parts] + [f"... {len(lines) - max_parts} more (--traceback shows all)"]
+  text = lines[0]
+  for line in lines[1:]:
+    text += (" " if text.endswith(":") else "; ") + line
+  return text
 
 
 if __name__ == "__main__":

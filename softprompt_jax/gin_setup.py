@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import pathlib
+import re
+import tokenize
 from typing import Sequence
 
 import gin
@@ -30,7 +32,7 @@ def register() -> dict:
       (optim.adafactor, "adafactor", "optim"), (optim.adam, "adam", "optim"),
   ]
   for name in ("random_uniform", "sampled_vocab", "class_labels", "from_text", "from_npy",
-               "from_t5x_checkpoint"):
+               "from_t5x_checkpoint", "from_peft_adapter"):
     entries.append((getattr(prompts, name), name, "prompts"))
   for fn, name, module in entries:
     key = f"{module}.{name}" if module else name
@@ -57,7 +59,8 @@ def config_search_paths() -> list[pathlib.Path]:
 def parse(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str | None) -> None:
   """Files in order, then bindings (as t5x: later wins); MODEL_DIR from --model_dir.
 
-  An unknown configurable or parameter raises gin's own error here, before any work.
+  An unknown configurable or parameter, a syntax error or a file not found raises ConfigError
+  here, in one line, before any work.
   """
   register()
   gin.clear_config()
@@ -72,6 +75,45 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str | No
   try:
     gin.parse_config_files_and_bindings(list(gin_files), macro + list(bindings),
                                         finalize_config=False)
+    gin.finalize()
+  except Exception as e:  # gin raises many types; here each one means a configuration error
+    raise trainer.ConfigError(f"gin configuration: {describe_error(e)}") from None
   finally:
     root.setLevel(level)
-  gin.finalize()
+
+
+def unwrap(error: BaseException) -> BaseException:
+  """The exception gin re-raised with its call location appended to the message (gin wraps it
+  in a proxy class whose __context__ is the original)."""
+  while ("augment_exception_message_and_reraise" in type(error).__init__.__qualname__
+         and error.__context__ is not None):
+    error = error.__context__
+  return error
+
+
+def describe_error(error: BaseException) -> str:
+  """A gin parse error in one line: its message plus where (file or binding, line, text)."""
+  if isinstance(error, SyntaxError):
+    text = (error.text or "").strip()
+    if error.filename in (None, "", "bindings"):  # line numbers count our MODEL_DIR macro
+      return f"{error.msg} (in the binding {text})"
+    return f"{error.msg} ({error.filename} line {error.lineno}: {text})"
+  if isinstance(error, tokenize.TokenError):
+    return f"{error.args[0]} (an unclosed bracket or quote in a binding or gin file?)"
+  if isinstance(error, OSError) and "Unable to open file" in str(error):
+    name = str(error).split("Unable to open file: ", 1)[1].split(". Searched", 1)[0]
+    places = ", ".join(str(p) for p in config_search_paths())
+    return f"gin file {name!r} not found (looked in {places} and as given)"
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  message, rest = (lines[0], lines[1:]) if lines else (type(error).__name__, [])
+  macro = re.match(r"No bindings specified for '([\w.]+)/gin\.macro'", message)
+  if macro:  # gin follows this with the whole config; the name is what matters
+    name = macro.group(1)
+    return f"macro %{name} is used but not set; set it in a gin file or with --gin.{name}=..."
+  # gin appends where: "In bindings string line N" (our MODEL_DIR macro is line 1, so the
+  # number misleads) or 'In file "x.gin", line N', then the offending text.
+  if rest and rest[0].startswith("In bindings string"):
+    message += f" (in the binding {rest[1] if len(rest) > 1 else ''})"
+  elif rest and rest[0].startswith("In "):
+    message += f" ({rest[0][len('In '):]}: {rest[1] if len(rest) > 1 else ''})"
+  return message

@@ -14,21 +14,48 @@ from softprompt_jax import interpret, prompts
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
 from softprompt_jax.tokenizers import get_vocabulary
-from softprompt_jax.trainer import ConfigError, run_eval, run_prompt, setup_run
+from softprompt_jax.trainer import (CHECKPOINT_SUBDIR, PROMPT_FILE, ConfigError,
+                                    _check_vocabulary_fits, _config_of, run_eval, run_prompt,
+                                    setup_run)
+
+_PROMPT_SOURCES = "a .npy file, a PEFT adapter directory or a run directory"
 
 
 def _prompt_values(source) -> np.ndarray:
-  """A prompt from a `.npy` file, a PEFT adapter directory, or a run directory."""
+  """A prompt from a `.npy` file, a PEFT adapter directory, or a run directory; pickles are
+  refused by name, and any other file must be a plain .npy array."""
+  from softprompt_jax.checkpoints.hf import SAFE_ALTERNATIVE, is_pickle_file
   path = pathlib.Path(source)
-  if path.suffix == ".npy":
+  if not path.exists():
+    raise FileNotFoundError(f"prompt {path} does not exist; give {_PROMPT_SOURCES}")
+  if path.is_file():
+    if is_pickle_file(path):
+      from softprompt_jax.checkpoints.reader import CheckpointError
+      raise CheckpointError(f"prompt {path} is a pickle; refusing to load it. {SAFE_ALTERNATIVE}")
     return prompts.load_npy(path)
   if (path / "adapter_config.json").is_file():
     from softprompt_jax.peft_interop import load_peft_adapter
     return load_peft_adapter(path)
-  if path.is_dir():
+  if (path / PROMPT_FILE).is_file() or (path / CHECKPOINT_SUBDIR).is_dir():
     return run_prompt(path)
-  raise FileNotFoundError(f"prompt source {path}: not a .npy file, a PEFT adapter directory or a "
-                          "run directory")
+  raise FileNotFoundError(f"prompt {path}: a directory with no adapter_config.json, "
+                          f"{PROMPT_FILE} or {CHECKPOINT_SUBDIR}/; give {_PROMPT_SOURCES}")
+
+
+def _vocabulary(spec):
+  if spec is None:
+    raise ConfigError("no vocabulary: set VOCABULARY (a sentencepiece .model path, or 'byte')")
+  try:
+    return get_vocabulary(spec)
+  except ValueError as e:  # an unknown name, or a file that is no SentencePiece model
+    raise ConfigError(str(e)) from None
+
+
+def _check_prompt_fits(values: np.ndarray, config, source: str) -> None:
+  """A prompt made for another model (another d_model) fails here, before weights are read."""
+  shape = tuple(values.shape[:-1]) + (config.emb_dim,)
+  prompts.check_fits(prompts.from_array(values, source=source), shape, config.vocab_size,
+                     config.emb_dim)
 
 
 def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optional[str] = None,
@@ -37,15 +64,17 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
              max_examples: Optional[int] = None, num_partitions: int = 1) -> dict:
   """Metrics of a trained prompt (`prompt_file`, else the run in `model_dir`) on `split`;
   written to MODEL_DIR/eval_<split>.json when a run directory is given."""
+  from softprompt_jax.data import get_task
   source = prompt_file or model_dir
   if source is None:
     raise ConfigError("evaluate needs a prompt: set PROMPT_FILE or --model_dir")
+  task = get_task(task)  # before reading anything
   values = _prompt_values(source)
   setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=values.shape[0],
                     prompt_init=prompts.random_uniform, placement="prepend", trainable=(".*",),
                     num_partitions=num_partitions, mesh_shape=None,
                     parameter_partitioning_dims=1, activation_partitioning_dims=1,
-                    dropout_rate=0.0, seed=0, prompt_values=values)
+                    dropout_rate=0.0, seed=0, prompt_values=values, prompt_source=str(source))
   metrics = run_eval(setup, setup.params, split, data_source=data_source, batch_size=batch_size,
                      input_length=input_length, target_length=target_length,
                      max_examples=max_examples)
@@ -65,15 +94,24 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
   with its own prompt from the bank. Writes {"task", "inputs", "prediction"} lines; returns the
   number written."""
   from softprompt_jax.data import get_task
+  from softprompt_jax.prompts import PromptShapeError
   names = sorted(prompts)
   if not names:
     raise ConfigError("infer needs PROMPTS: a mapping task name -> prompt (.npy / run dir)")
-  bank = np.stack([_prompt_values(prompts[name]) for name in names])
-  vocab = get_vocabulary(vocabulary)
+  values = {name: _prompt_values(prompts[name]) for name in names}
+  vocab = _vocabulary(vocabulary)
+  config = _config_of(model, {"dropout_rate": 0.0})  # metadata only
+  _check_vocabulary_fits(vocab, config)
+  for name in names:
+    _check_prompt_fits(values[name], config, f"PROMPTS[{name!r}] {prompts[name]}")
+  shapes = {name: tuple(v.shape) for name, v in values.items()}
+  if len(set(shapes.values())) > 1:
+    raise PromptShapeError(f"the prompts of a bank must share one shape; PROMPTS has {shapes}")
+  bank = np.stack([values[name] for name in names])
+  rows = _read_requests(pathlib.Path(input_file), names, get_task)  # a bad line fails fast
   config, frozen = load_frozen(model, None, dropout_rate=0.0)
   net = PromptedT5(config, prompt_length=bank.shape[1], num_prompts=len(names))
   params = make_prompted_params(net, frozen, jax.random.PRNGKey(0), bank)
-  rows = _read_requests(pathlib.Path(input_file), names, get_task)
   out_path = pathlib.Path(output_file)
   out_path.parent.mkdir(parents=True, exist_ok=True)
   tmp = out_path.with_name(out_path.name + ".tmp")
@@ -128,8 +166,12 @@ def interpret_prompt(*, model_dir: str, model: Optional[ModelSpec] = None, vocab
       spec["overrides"] = tuple(sorted(spec["overrides"].items()))
       model = ModelSpec(**spec)
     vocabulary = vocabulary or meta.get("vocabulary")
+  vocab = _vocabulary(vocabulary) if vocabulary else None
+  config = _config_of(model, {})  # metadata only
+  if vocab is not None:
+    _check_vocabulary_fits(vocab, config)
+  _check_prompt_fits(values, config, str(model_dir))
   config, frozen = load_frozen(model, None)
-  vocab = get_vocabulary(vocabulary) if vocabulary else None
   rows = interpret.describe(values, frozen["token_embedder"]["embedding"], vocab, k=k)
   out = pathlib.Path(model_dir) / "interpretation.json"
   out.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
@@ -140,6 +182,8 @@ def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = Non
                   peft_num_heads: Optional[int] = None) -> pathlib.Path:
   """The run's best (else latest) prompt as `.npy`, or as a PEFT adapter directory when `out`
   does not end in .npy (then the model's layer and head counts are needed)."""
+  if not pathlib.Path(model_dir).is_dir():
+    raise FileNotFoundError(f"run directory {model_dir} does not exist")
   values = run_prompt(model_dir)
   out_path = pathlib.Path(out)
   if out_path.suffix == ".npy":
@@ -154,7 +198,9 @@ def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = Non
 
 def _run_meta(model_dir) -> dict:
   from softprompt_jax.checkpoints.state import PromptCheckpoints
-  from softprompt_jax.trainer import CHECKPOINT_SUBDIR
+  if not (pathlib.Path(model_dir) / CHECKPOINT_SUBDIR).is_dir():  # PromptCheckpoints creates it
+    raise FileNotFoundError(f"{model_dir}: no {CHECKPOINT_SUBDIR}/ to read the run's settings "
+                            "from")
   checkpoints = PromptCheckpoints(pathlib.Path(model_dir) / CHECKPOINT_SUBDIR)
   try:
     steps = checkpoints.steps()

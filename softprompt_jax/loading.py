@@ -56,7 +56,7 @@ def load_t5(path: os.PathLike | str, *, place: Optional[Place] = None,
   CheckpointError for unreadable or refused files, FileNotFoundError for a path that does not
   exist, TypeError for an unknown override.
   """
-  overrides = _checked_overrides(overrides)
+  overrides = checked_overrides(overrides)
   with open_checkpoint(path) as reader:
     config = reader.config(**overrides)
     expected = expected_param_shapes(config)
@@ -147,13 +147,14 @@ def read_params(reader: CheckpointReader, expected: dict[ParamPath, Any],
   return unflatten_dict(flat)
 
 
-def _checked_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+def checked_overrides(overrides: dict[str, Any], who: str = "load_t5") -> dict[str, Any]:
+  """`overrides` with dtypes as names; TypeError naming any that is no T5Config field."""
   known = [f.name for f in dataclasses.fields(T5Config)]
   unknown = sorted(set(overrides) - set(known))
   if unknown:
     hints = [f"{u!r} (did you mean {close[0]!r}?)" if close else repr(u)
              for u in unknown for close in [difflib.get_close_matches(u, known, n=1)]]
-    raise TypeError(f"load_t5: unknown config override {', '.join(hints)}; T5Config fields are "
+    raise TypeError(f"{who}: unknown config override {', '.join(hints)}; T5Config fields are "
                     f"{known}")
   overrides = dict(overrides)
   if "dtype" in overrides and not isinstance(overrides["dtype"], str):

@@ -53,7 +53,8 @@ def load_frozen(spec: ModelSpec, partitioner=None, **config_overrides) -> tuple[
   as it is read (or initialised); without a partitioner, on the default device."""
   overrides = {**dict(spec.overrides), **config_overrides}
   if spec.checkpoint:
-    from softprompt_jax.loading import load_t5, open_checkpoint
+    from softprompt_jax.loading import checked_overrides, load_t5, open_checkpoint
+    overrides = checked_overrides(overrides)
     place = None
     if partitioner is not None:
       with open_checkpoint(spec.checkpoint) as reader:

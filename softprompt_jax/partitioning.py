@@ -53,16 +53,18 @@ def make_mesh(num_partitions: Optional[int] = None, mesh_shape: Optional[Sequenc
   devices with the rest data-parallel (default: 1, pure data parallelism)."""
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
+  divisors = [d for d in range(1, n + 1) if n % d == 0]
   if mesh_shape is None:
     model = num_partitions or 1
     if model < 1 or n % model:
-      raise ValueError(f"num_partitions={model} does not divide the {n} devices; use a divisor "
-                       f"of {n}")
+      raise ValueError(f"num_partitions={model} does not divide the {n} devices; set "
+                       f"num_partitions (MODEL_PARALLEL in the partitioning gin files) to one of "
+                       f"{divisors}")
     mesh_shape = (n // model, model)
   mesh_shape = tuple(int(x) for x in mesh_shape)
   if len(mesh_shape) != 2 or int(np.prod(mesh_shape)) != n:
-    raise ValueError(f"mesh shape {mesh_shape} (data, model) does not cover the {n} devices; "
-                     f"its product must be {n}")
+    raise ValueError(f"mesh_shape {mesh_shape} does not fit the {n} devices: give two sizes "
+                     f"(data, model); their product must be {n}, e.g. ({n}, 1)")
   try:
     grid = mesh_utils.create_device_mesh(
         mesh_shape, devices, allow_split_physical_axes=True)

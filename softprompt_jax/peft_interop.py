@@ -43,31 +43,44 @@ def save_peft_adapter(directory, prompt_PxH, *, num_layers: int, num_heads: int,
 
 
 def load_peft_adapter(directory) -> np.ndarray:
-  """The encoder prompt [P, H] of a PEFT prompt-tuning adapter directory."""
+  """The encoder prompt [P, H] of a PEFT prompt-tuning adapter directory: JSON and safetensors
+  only; a pickled `adapter_model.bin` is refused by name, unread."""
   from safetensors.numpy import load_file
+
+  from softprompt_jax.checkpoints.reader import CheckpointError
   directory = pathlib.Path(directory)
   config_path = directory / ADAPTER_CONFIG
   if not config_path.is_file():
     raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter directory")
-  config = json.loads(config_path.read_text())
+  try:
+    config = json.loads(config_path.read_text())
+    tokens = int(config["num_virtual_tokens"]) if config.get("peft_type") == "PROMPT_TUNING" else 0
+  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError,
+          ValueError) as e:
+    raise CheckpointError(f"{config_path}: not a PEFT adapter config ({e!r})") from None
   if config.get("peft_type") != "PROMPT_TUNING":
-    raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only "
-                     "PROMPT_TUNING adapters hold a soft prompt")
+    raise CheckpointError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only "
+                          "PROMPT_TUNING adapters hold a soft prompt")
   weights_path = directory / ADAPTER_WEIGHTS
   if not weights_path.is_file():
     bin_path = directory / "adapter_model.bin"
-    hint = (" (a pickled adapter_model.bin is refused: re-save it with safetensors)"
-            if bin_path.exists() else "")
-    raise FileNotFoundError(f"{weights_path} not found{hint}")
-  weights = load_file(str(weights_path))
+    if bin_path.exists():
+      raise CheckpointError(f"{bin_path} is a PyTorch pickle; refusing to load it (unpickling "
+                            "runs whatever code it holds). Re-save the adapter with safetensors "
+                            "where you trust it: `peft_model.save_pretrained(dst, "
+                            "safe_serialization=True)`")
+    raise FileNotFoundError(f"{weights_path} not found")
+  try:
+    weights = load_file(str(weights_path))
+  except Exception as e:  # safetensors raises its own SafetensorError for malformed files
+    raise CheckpointError(f"{weights_path}: not a readable safetensors file ({e})") from None
   if PROMPT_KEY not in weights:
-    raise ValueError(f"{weights_path}: no '{PROMPT_KEY}' tensor (found {sorted(weights)})")
+    raise CheckpointError(f"{weights_path}: no '{PROMPT_KEY}' tensor (found {sorted(weights)})")
   prompt = np.asarray(weights[PROMPT_KEY], np.float32)
-  tokens = int(config["num_virtual_tokens"])
   if config.get("num_transformer_submodules", 1) not in (1, None):
     # PEFT stores [encoder prompt; decoder prompt]; the encoder part is the first P rows.
     prompt = prompt[:tokens]
-  if prompt.shape[0] != tokens:
-    raise ValueError(f"{weights_path}: {PROMPT_KEY} has {prompt.shape[0]} rows but "
-                     f"num_virtual_tokens is {tokens}")
+  if prompt.ndim != 2 or prompt.shape[0] != tokens:
+    raise CheckpointError(f"{weights_path}: {PROMPT_KEY} has shape {prompt.shape} but "
+                          f"num_virtual_tokens is {tokens}")
   return prompt

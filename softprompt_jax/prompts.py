@@ -16,12 +16,18 @@ import numpy as np
 
 PromptInit = Callable[[jax.Array, tuple, jax.Array], jax.Array]
 
+_NPY_MAGIC = b"\x93NUMPY"
+
 # Ids below this are pad/eos/unk in T5's vocabularies; never sampled as prompt seeds.
 NUM_SPECIAL_IDS = 3
 
 
 class PromptShapeError(ValueError):
   """A prompt's shape does not fit the model: both shapes are in the message."""
+
+
+class PromptFileError(ValueError):
+  """A prompt file that is not a plain float array (a pickle, an .npz, a truncated file)."""
 
 
 def random_uniform(scale: float = 0.5) -> PromptInit:
@@ -128,27 +134,70 @@ def from_array(values, source: Optional[str] = None) -> PromptInit:
 
   def init(rng, shape, embedding_VxH=None):
     del rng, embedding_VxH
-    if tuple(values.shape) != tuple(shape):
-      raise PromptShapeError(f"{where}prompt values have shape {tuple(values.shape)} but the "
-                             f"model's prompt is {tuple(shape)} ([prompt_length, d_model])")
+    got, want = tuple(values.shape), tuple(shape)
+    if got != want:
+      if len(got) == len(want) and got[-1] == want[-1]:
+        fix = f"set prompt_length to {got[-2]}, or give a prompt of length {want[-2]}"
+      else:
+        fix = f"give a prompt made for a model with d_model {want[-1]}"
+      raise PromptShapeError(f"{where}prompt values have shape {got} but the model's prompt is "
+                             f"{want} ([prompt_length, d_model]); {fix}")
     return jnp.asarray(values)
 
   return init
 
 
-def from_npy(path: str) -> PromptInit:
+def check_fits(init: PromptInit, shape: tuple, vocab_size: int, emb_dim: int) -> None:
+  """Raises the initializer's own error (a PromptShapeError, ...) if it cannot make a `shape`
+  prompt for a model with this embedding table, without the table's values: the initializer is
+  traced on shapes only (nothing is computed or compiled), so a run fails before loading weights.
+  """
+  embedding = jax.ShapeDtypeStruct((vocab_size, emb_dim), jnp.float32)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32)  # a raw jax.random.PRNGKey
+  out = jax.eval_shape(lambda key, table: init(key, tuple(shape), table), rng, embedding)
+  if tuple(out.shape) != tuple(shape):
+    raise PromptShapeError(f"the prompt initializer made shape {tuple(out.shape)} but the model's "
+                           f"prompt is {tuple(shape)} ([prompt_length, d_model])")
+
+
+def from_npy(path: Optional[str]) -> PromptInit:
   """A prompt saved as `.npy` float32 [P, H] (the released prompts' format); never unpickles."""
+  if path is None:
+    raise PromptFileError("prompts.from_npy: no prompt file given; set PROMPT_FILE (or "
+                          "prompts.from_npy.path) to a .npy [prompt_length, d_model] file")
   return from_array(load_npy(path), source=str(path))
 
 
+def from_peft_adapter(path: str) -> PromptInit:
+  """The prompt of a PEFT prompt-tuning adapter directory (json + safetensors; never unpickles)."""
+  from softprompt_jax.peft_interop import load_peft_adapter
+  return from_array(load_peft_adapter(path), source=str(path))
+
+
 def load_npy(path: str) -> np.ndarray:
+  """A float [P, H] (or [N, P, H]) array from a `.npy` file. Pickled payloads (raw pickles,
+  object arrays) are refused without being unpickled: numpy reads with allow_pickle=False."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"prompt file {path} does not exist")
+  with open(path, "rb") as f:
+    magic = f.read(len(_NPY_MAGIC))
+  if magic != _NPY_MAGIC:
+    if magic[:1] == b"\x80":  # pickle protocol 2+
+      what = "a pickle, refused (unpickling runs whatever code it holds)"
+    elif magic[:4] == b"PK\x03\x04":
+      what = "an .npz archive, not a .npy array"
+    else:
+      what = "not a .npy file"
+    raise PromptFileError(f"{path}: {what}; save the prompt with numpy.save as a float "
+                          "[prompt_length, d_model] array")
   try:
     values = np.load(path, allow_pickle=False)
   except ValueError as e:
-    raise ValueError(f"{path}: not a plain .npy array (pickled objects are refused): {e}") from None
+    raise PromptFileError(f"{path}: not a plain .npy array (pickled objects are refused): "
+                          f"{e}") from None
+  except (EOFError, OSError) as e:
+    raise PromptFileError(f"{path}: a truncated or unreadable .npy file ({e})") from None
   if values.ndim not in (2, 3) or not np.issubdtype(values.dtype, np.floating):
     raise PromptShapeError(f"{path}: expected a float [prompt_length, d_model] array, got "
                            f"{values.dtype} {values.shape}")
@@ -186,4 +235,5 @@ INITIALIZERS = {
     "from_text": from_text,
     "from_npy": from_npy,
     "from_t5x_checkpoint": from_t5x_checkpoint,
+    "from_peft_adapter": from_peft_adapter,
 }

@@ -21,7 +21,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Optional, TextIO
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -92,7 +92,7 @@ class RunLog:
   """
 
   def __init__(self, run_dir, total_steps: int, *, start_step: int = 0, enabled: bool = True,
-               tensorboard: bool = True, stream: TextIO = sys.stderr,
+               tensorboard: bool = True, stream: Optional[TextIO] = None,
                clock: Callable[[], float] = time.perf_counter, window: int = 20,
                update_every_s: float | None = None, tty: bool | None = None):
     self.enabled = enabled
@@ -104,7 +104,8 @@ class RunLog:
       return
     if window < 2:
       raise ValueError(f"window must be at least 2 log_train calls, got {window}")
-    self._stream = stream
+    # Resolved per call, not at import: a replaced sys.stderr (tests, notebooks) is followed.
+    self._stream = stream if stream is not None else sys.stderr
     self._clock = clock
     self._tty = tty if tty is not None else bool(getattr(stream, "isatty", lambda: False)())
     self._update_every_s = (update_every_s if update_every_s is not None
@@ -411,7 +412,7 @@ def _json_default(value):
   raise TypeError(f"{type(value).__name__} is not JSON serializable: {value!r}")
 
 
-def write_summary(run_dir, summary: dict, *, stream: TextIO = sys.stderr) -> Path:
+def write_summary(run_dir, summary: dict, *, stream: Optional[TextIO] = None) -> Path:
   """Write `run_dir/summary.json` atomically and print a one-line summary of it to `stream`.
 
   The line shows whichever of these keys `summary` has: "steps", "wall_time_s", "final_loss",
@@ -444,6 +445,7 @@ def write_summary(run_dir, summary: dict, *, stream: TextIO = sys.stderr) -> Pat
     if "best_step" in summary:
       best += f" at step {summary['best_step']}"
     parts.append(best)
+  stream = stream if stream is not None else sys.stderr
   stream.write(f"run summary: {', '.join(parts) or 'written'} ({path})\n")
   stream.flush()
   return path

@@ -1,12 +1,14 @@
 """Vocabularies: text <-> token ids, as seqio's SentencePieceVocabulary and ByteVocabulary do.
 
 Every vocabulary here reserves pad 0, eos 1 and unk 2. `encode` never adds EOS; `decode` stops at
-the first EOS. `encode_batch` makes the fixed-length int32 arrays the model reads.
+the first EOS. `encode_batch` makes the fixed-length int32 arrays the model reads. Text that is not
+Unicode (a lone surrogate) and ids that are not integers raise a TokenizerInputError.
 """
 
 from __future__ import annotations
 
 import abc
+import numbers
 import os
 import pathlib
 import struct
@@ -20,6 +22,10 @@ import sentencepiece
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
+
+
+class TokenizerInputError(ValueError):
+  """Text that cannot be encoded or ids that cannot be decoded; the message names the culprit."""
 
 
 class Vocabulary(abc.ABC):
@@ -86,18 +92,42 @@ def sentinel_id(vocab: Vocabulary, index: int = 0) -> int:
 
 
 def _as_id_list(ids: Iterable[int]) -> list[int]:
-  if not hasattr(ids, "__len__"):  # a generator
-    ids = list(ids)
-  ids = np.asarray(ids, dtype=np.int64)
-  if ids.ndim != 1:
-    raise ValueError(f"decode takes one sequence of ids; got shape {ids.shape} "
-                     "(use decode_batch for a batch)")
-  return ids.tolist()
+  """`ids` as Python ints (of any size: the vocabularies read ids out of range as unk)."""
+  if isinstance(ids, (str, bytes)):
+    raise TokenizerInputError(f"decode takes a sequence of int ids; got {type(ids).__name__}")
+  if hasattr(ids, "__array__"):  # numpy / jax arrays: integer ones need no checks
+    array = np.asarray(ids)
+    if array.ndim != 1:
+      raise TokenizerInputError(f"decode takes one sequence of ids; got shape {array.shape} "
+                                "(use decode_batch for a batch)")
+    if array.dtype.kind in "iub":
+      return array.tolist()
+  values = []
+  for position, value in enumerate(ids):
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+      if not float(value).is_integer():  # NaN, inf and fractions are not ids
+        raise TokenizerInputError(f"decode: the id at position {position} is {value!r}, not "
+                                  "an integer")
+      value = int(value)
+    if not isinstance(value, numbers.Integral):
+      nested = isinstance(value, Iterable) and not isinstance(value, (str, bytes))
+      hint = " (use decode_batch for a batch)" if nested else ""
+      raise TokenizerInputError(f"decode: the id at position {position} is "
+                                f"{type(value).__name__} {value!r}, not an integer{hint}")
+    values.append(int(value))
+  return values
 
 
 def _check_text(text: str) -> None:
   if not isinstance(text, str):
     raise TypeError(f"encode takes one str; got {type(text).__name__} (use encode_batch for many)")
+
+
+def _lone_surrogate_error(text: str) -> TokenizerInputError:
+  position = next(i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff")
+  return TokenizerInputError(f"encode: the text holds a lone surrogate {ascii(text[position])} "
+                             f"at position {position}, which is not Unicode text (was it "
+                             "decoded with errors='surrogateescape'?)")
 
 
 def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
@@ -180,7 +210,12 @@ class SentencePieceVocabulary(Vocabulary):
 
   def encode(self, text: str) -> list[int]:
     _check_text(text)
-    return self._sp.encode(text)
+    try:
+      return self._sp.encode(text)
+    except RuntimeError:  # pybind11 cannot pass a lone surrogate to C++ (and says so unclearly)
+      if any("\ud800" <= c <= "\udfff" for c in text):
+        raise _lone_surrogate_error(text) from None
+      raise
 
   def decode(self, ids: Iterable[int]) -> str:
     # As seqio: ids past the vocabulary (the embedding's padding rows) read as unk.
@@ -209,7 +244,11 @@ class ByteVocabulary(Vocabulary):
 
   def encode(self, text: str) -> list[int]:
     _check_text(text)
-    return [b + self._NUM_SPECIAL for b in text.encode("utf-8")]
+    try:
+      data = text.encode("utf-8")
+    except UnicodeEncodeError:
+      raise _lone_surrogate_error(text) from None
+    return [b + self._NUM_SPECIAL for b in data]
 
   def decode(self, ids: Iterable[int]) -> str:
     ids = _cut_at_eos(_as_id_list(ids), self.eos_id)

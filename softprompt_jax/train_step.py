@@ -21,6 +21,7 @@ from softprompt_jax import losses, optim
 
 Batch = dict[str, jax.Array]
 ENCODER_KWARGS = ("prompt_ids",)
+FINITE_TRAINABLE = "trainable_finite"  # a train-step metric: no NaN/Inf in the updated params
 
 
 @flax.struct.dataclass
@@ -78,6 +79,9 @@ def train_step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array, *,
   trainable_updates, _ = optim.split_trainable(updates, _labels_like(state.trainable, updates))
   trainable = optax.apply_updates(state.trainable, trainable_updates)
   metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
+  # Checked by the training loop before it logs or checkpoints (see trainer._check_finite).
+  metrics[FINITE_TRAINABLE] = jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(trainable)]))
   return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 

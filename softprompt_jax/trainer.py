@@ -15,7 +15,6 @@ import time
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from softprompt_jax import decoding, optim, partitioning, prompts
@@ -77,32 +76,86 @@ def _check_vocabulary_fits(vocabulary, config):
 
 
 def _config_of(spec: ModelSpec, overrides: dict):
-  if not spec.checkpoint:
-    return dataclasses.replace(spec.config(), **overrides)
-  from softprompt_jax.loading import open_checkpoint
-  with open_checkpoint(spec.checkpoint) as reader:
-    return reader.config(**{**dict(spec.overrides), **overrides})
+  """The frozen model's configuration: the spec's, or the checkpoint's read from its metadata
+  (no weights). Bad overrides, sizes or families are ConfigErrors; a checkpoint that cannot be
+  read raises its own (FileNotFoundError, CheckpointError)."""
+  from softprompt_jax.checkpoints.reader import CheckpointError
+  from softprompt_jax.loading import checked_overrides, open_checkpoint
+  from softprompt_jax.t5_config import FAMILIES
+  try:
+    merged = checked_overrides({**dict(spec.overrides), **overrides}, who="overrides")
+    if not spec.checkpoint:
+      if spec.family not in FAMILIES:
+        raise ValueError(f"unknown T5 family {spec.family!r}; use one of {list(FAMILIES)}")
+      return dataclasses.replace(spec.config(), **overrides)
+    with open_checkpoint(spec.checkpoint) as reader:
+      return reader.config(**merged)
+  except CheckpointError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"frozen_model: {e}") from None
 
 
 def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_init: Callable,
               placement: str, trainable: Sequence[str], num_partitions: int,
               mesh_shape, parameter_partitioning_dims: int, activation_partitioning_dims: int,
               dropout_rate: Optional[float], seed: int, num_prompts: Optional[int] = None,
-              prompt_values=None) -> Setup:
+              prompt_values=None, prompt_source: Optional[str] = None,
+              batch_size: Optional[int] = None, resume_dir=None) -> Setup:
+  """Checks everything that can be checked from configuration and metadata (task, vocabulary,
+  mesh and batch, resumed run, model config, prompt shape), then loads the frozen weights.
+
+  `prompt_source`: where `prompt_values` came from, for messages. `batch_size`: checked against
+  the mesh's data axis. `resume_dir`: a run directory whose saved settings (task, prompt length,
+  trainable) must match.
+  """
   from softprompt_jax.data import get_task
   task = get_task(task) if isinstance(task, str) else task
   if vocabulary is None:
     raise ConfigError("no vocabulary: set VOCABULARY (a sentencepiece .model path, or 'byte')")
-  vocabulary = get_vocabulary(vocabulary)
-  partitioner = partitioning.Partitioner.create(
-      num_partitions=num_partitions, mesh_shape=mesh_shape,
-      parameter_partitioning_dims=parameter_partitioning_dims,
-      activation_partitioning_dims=activation_partitioning_dims)
+  try:
+    vocabulary = get_vocabulary(vocabulary)
+  except ValueError as e:  # an unknown name, or a file that is no SentencePiece model
+    raise ConfigError(str(e)) from None
+  try:
+    partitioner = partitioning.Partitioner.create(
+        num_partitions=num_partitions, mesh_shape=mesh_shape,
+        parameter_partitioning_dims=parameter_partitioning_dims,
+        activation_partitioning_dims=activation_partitioning_dims)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  data_axis = partitioner.mesh.shape["data"]
+  if batch_size is not None and batch_size % data_axis:
+    raise ConfigError(f"batch_size {batch_size} does not divide over the mesh's data axis "
+                      f"({data_axis} of the {jax.device_count()} devices, mesh "
+                      f"{dict(partitioner.mesh.shape)}); use a multiple of {data_axis}")
+  if resume_dir is not None:
+    checkpoint_dir = pathlib.Path(resume_dir) / CHECKPOINT_SUBDIR
+    if checkpoint_dir.is_dir():
+      saved = PromptCheckpoints(checkpoint_dir)
+      try:
+        steps = saved.steps()
+        meta = saved.restore_meta(steps[-1]) if steps else None
+      except Exception:  # an unreadable step: the resume itself reports and sets it aside
+        meta = None
+      finally:
+        saved.close()
+      current = {"task": task.name, "prompt_length": prompt_length, "trainable": list(trainable)}
+      for key, value in current.items():
+        if meta is not None and meta.get(key) != value:
+          raise ConfigError(f"{resume_dir}: this run directory was trained with {key}="
+                            f"{meta.get(key)!r}, now {value!r}; use a new --model_dir or "
+                            "restore the original setting")
   overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
   config = _config_of(model, overrides)  # reads metadata only
   _check_vocabulary_fits(vocabulary, config)
   init = _prompt_initializer(prompt_init, task, vocabulary) if prompt_length else None
   if prompt_length:
+    shape = ((prompt_length, config.emb_dim) if num_prompts is None
+             else (num_prompts, prompt_length, config.emb_dim))
+    # Traced on shapes only: a prompt that does not fit fails before the weights are read.
+    fixed = None if prompt_values is None else prompts.from_array(prompt_values, prompt_source)
+    prompts.check_fits(fixed or init, shape, config.vocab_size, config.emb_dim)
     net = PromptedT5(config, prompt_length=prompt_length, prompt_init=init,
                      num_prompts=num_prompts, placement=placement)
   else:
@@ -136,12 +189,14 @@ def predict(model, params, task, examples_batch, vocabulary, target_length: int,
 
 
 def run_eval(setup: Setup, params, split: str, *, data_source, batch_size: int,
-             input_length: int, target_length: int, max_examples: Optional[int]) -> dict:
+             input_length: int, target_length: int, max_examples: Optional[int],
+             bad_records: str = "error") -> dict:
   """Metrics of the task's `split` with `params` (frozen + prompt)."""
   from softprompt_jax.data import pipeline
   stream = pipeline.eval_batches(setup.task, split, setup.vocabulary, source=data_source,
                                  batch_size=batch_size, input_length=input_length,
-                                 target_length=target_length, max_examples=max_examples)
+                                 target_length=target_length, max_examples=max_examples,
+                                 bad_records=bad_records)
   examples, predictions = [], []
   for batch in stream:
     texts = predict(setup.model, params, setup.task, batch.arrays, setup.vocabulary,
@@ -167,13 +222,20 @@ def _default_metric(task) -> str:
   return "accuracy"
 
 
-def _check_finite(step: int, loss: float, prompt) -> None:
-  if not np.isfinite(loss):
-    raise NumericalError(f"step {step}: the loss is {loss}; training stopped, the last good "
-                         "checkpoint is kept (lower the learning rate, or check the data)")
-  if prompt is not None and not bool(jnp.all(jnp.isfinite(prompt))):
-    raise NumericalError(f"step {step}: the prompt holds NaN or Inf; training stopped, the last "
-                         "good checkpoint is kept")
+def _check_finite(recent: list[tuple[int, dict]]) -> None:
+  """NumericalError naming the first step (of those not yet checked) whose loss or updated
+  trainable params hold NaN or Inf. The loop keeps each step's metrics (device values, so steps
+  are not made to wait) and checks them before it logs or checkpoints: no checkpoint ever holds
+  a NaN or Inf, and the error names the step where it began."""
+  for step, metrics in recent:
+    if not np.isfinite(float(metrics["loss"])):
+      raise NumericalError(f"step {step}: the loss is {float(metrics['loss'])}; training "
+                           "stopped, the last good checkpoint is kept (lower the learning rate, "
+                           "or check the data)")
+    if not bool(metrics[ts.FINITE_TRAINABLE]):
+      raise NumericalError(f"step {step}: the prompt holds NaN or Inf; training stopped, the "
+                           "last good checkpoint is kept (lower the learning rate)")
+  recent.clear()
 
 
 def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_source=None,
@@ -187,7 +249,8 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
           best_metric: Optional[str] = None, best_mode: str = "max", keep_checkpoints: int = 2,
           num_partitions: int = 1, mesh_shape: Optional[Sequence[int]] = None,
           parameter_partitioning_dims: int = 1, activation_partitioning_dims: int = 1,
-          seed: int = 0, log_every: int = 50, stop_after_steps: Optional[int] = None) -> dict:
+          seed: int = 0, log_every: int = 50, stop_after_steps: Optional[int] = None,
+          bad_records: str = "error") -> dict:
   """Prompt tuning (or, with trainable='.*', model tuning); resumes when run again.
 
   `stop_after_steps` ends this invocation early (as a preemption would), leaving checkpoints to
@@ -199,12 +262,17 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   model_dir = pathlib.Path(model_dir)
   if num_steps < 1 or eval_every < 1:
     raise ConfigError(f"num_steps ({num_steps}) and eval_every ({eval_every}) must be >= 1")
+  try:
+    pipeline.check_bad_records(bad_records)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=prompt_length,
                     prompt_init=prompt_init, placement=placement, trainable=trainable,
                     num_partitions=num_partitions, mesh_shape=mesh_shape,
                     parameter_partitioning_dims=parameter_partitioning_dims,
                     activation_partitioning_dims=activation_partitioning_dims,
-                    dropout_rate=dropout_rate, seed=seed)
+                    dropout_rate=dropout_rate, seed=seed, batch_size=batch_size,
+                    resume_dir=model_dir)
   best_metric = best_metric or _default_metric(setup.task)
   optimizer = optim.masked_optimizer(optimizer if optimizer is not None else optim.adafactor(),
                                      setup.labels)
@@ -226,21 +294,26 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   rows = setup.partitioner.process_rows(batch_size)
   batches = pipeline.train_batches(setup.task, "train", setup.vocabulary, source=data_source,
                                    batch_size=batch_size, input_length=input_length,
-                                   target_length=target_length, seed=seed, rows=rows)
+                                   target_length=target_length, seed=seed, rows=rows,
+                                   bad_records=bad_records)
   rng = jax.random.PRNGKey(seed)
   start_step = 0
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    state, position, saved_meta = checkpoints.restore(latest, abstract_like(state))
+  restored, damaged = checkpoints.restore_latest(abstract_like(state))
+  latest = None
+  if restored is not None:
+    latest, state, position, saved_meta = restored
     _check_same_run(saved_meta, meta, model_dir)
     batches.restore(position)
     start_step = int(state.step)
   model_dir.mkdir(parents=True, exist_ok=True)
 
   log = RunLog(model_dir, num_steps, start_step=start_step, enabled=primary)
+  for bad_step, reason in damaged:
+    log.message(f"checkpoint {bad_step} is damaged ({reason}); set aside")
   if latest is not None:
     log.message(f"resumed from {checkpoints.directory / str(latest)} at step {start_step}")
   step = start_step
+  unchecked = []  # (step, metrics) since the last check
   last_eval = None
   pending_tokens = 0
   try:
@@ -249,19 +322,21 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
       global_batch = setup.partitioner.shard_batch(local, batch_size)
       state, metrics = train_step(state, frozen, global_batch, rng)
       step += 1
+      unchecked.append((step, metrics))
       pending_tokens += int(np.sum(local["encoder_input_tokens"] > 0)
                             + np.sum(local["decoder_target_tokens"] > 0)) * \
           jax.process_count()
       if step % log_every == 0 or step == num_steps or step % eval_every == 0:
-        values = {k: float(v) for k, v in metrics.items()}
-        _check_finite(step, values["loss"], state.trainable.get("prompt", {}).get("prompt"))
+        _check_finite(unchecked)
+        values = {k: float(v) for k, v in metrics.items() if k != ts.FINITE_TRAINABLE}
         log.log_train(step, values, pending_tokens)
         pending_tokens = 0
       if step % eval_every == 0 or step == num_steps:
         params = optim.merge(state.trainable, frozen)
         last_eval = run_eval(setup, params, eval_split, data_source=data_source,
                              batch_size=batch_size, input_length=input_length,
-                             target_length=target_length, max_examples=eval_max_examples)
+                             target_length=target_length, max_examples=eval_max_examples,
+                             bad_records=bad_records)
         log.log_eval(step, last_eval, eval_split)
         checkpoints.save(step, state, batches.state(), meta, last_eval)
       if stop_after_steps is not None and step - start_step >= stop_after_steps:

@@ -92,7 +92,7 @@ class HFSafetensorsReader(CheckpointReader):
                             f"this library loads ({', '.join(T5_MODEL_TYPES)})")
     try:
       file_config = config_from_hf(self._hf)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
       raise CheckpointError(f"{directory / CONFIG_FILE}: not a usable T5 config ({e!r})") from e
 
     self._file_of: dict[str, pathlib.Path] = {}  # hf name -> safetensors file

@@ -5,13 +5,20 @@ base RNG key, the data iterator's position and run metadata: kilobytes to megaby
 model is referenced by its path and a fingerprint, checked on resume. Retention: the last N
 checkpoints plus the best one by a validation metric (the paper selects on dev). Orbax writes
 each step to a temporary directory and renames it when complete, so a crash mid-save leaves the
-previous checkpoints intact and the partial one invisible.
+previous checkpoints intact and the partial one invisible. After the rename, a sha256 of every
+file goes into the step's `sha256sums.json`; a step whose files no longer match (a damaged disk,
+a half-copied directory) or that fails to restore is reported, moved aside to
+`damaged-<step>-<time>` (never deleted) and the previous good step is used instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import pathlib
+import time
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -19,10 +26,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from softprompt_jax.pretrained import sha256
+
 # Files above this size are fingerprinted by their size and first/last blocks, not fully hashed:
 # hashing a 40 GB XXL checkpoint at every start would cost minutes.
 _FULL_HASH_LIMIT = 64 * 2 ** 20
 _BLOCK = 16 * 2 ** 20
+INTEGRITY_FILE = "sha256sums.json"
+
+
+def _file_digests(step_dir: pathlib.Path) -> dict[str, str]:
+  return {str(p.relative_to(step_dir)): sha256(p) for p in sorted(step_dir.rglob("*"))
+          if p.is_file() and p.name != INTEGRITY_FILE}
 
 
 def fingerprint(path) -> str:
@@ -76,6 +91,56 @@ class PromptCheckpoints:
                               meta=ocp.args.JsonSave({**meta, "metrics": clean}))
     self._manager.save(step, args=args, metrics=clean, force=True)
     self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      step_dir = self.directory / str(step)
+      tmp = step_dir / (INTEGRITY_FILE + ".tmp")
+      tmp.write_text(json.dumps(_file_digests(step_dir), indent=0))
+      os.replace(tmp, step_dir / INTEGRITY_FILE)  # atomic: the file is whole or absent
+
+  def damage(self, step: int) -> Optional[str]:
+    """Why `step`'s files are not the ones saved (one line), or None when they are (or when the
+    step predates its checksums, e.g. a crash right after orbax's rename)."""
+    step_dir = self.directory / str(step)
+    sums = step_dir / INTEGRITY_FILE
+    if not sums.is_file():
+      return None
+    try:
+      expected = json.loads(sums.read_text())
+    except ValueError:
+      return f"{sums} is not valid JSON"
+    actual = _file_digests(step_dir)
+    missing = sorted(set(expected) - set(actual))
+    if missing:
+      return f"missing files {missing[:3]}"
+    changed = sorted(name for name in expected if expected[name] != actual[name])
+    if changed:
+      return f"contents changed since saving: {changed[:3]}"
+    return None
+
+  def set_aside(self, step: int, reason: str) -> pathlib.Path:
+    """Moves a damaged step out of the way (kept for inspection) and warns with the reason."""
+    target = self.directory / f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      os.replace(self.directory / str(step), target)
+    warnings.warn(f"checkpoint {self.directory / str(step)} is damaged ({reason}); moved to "
+                  f"{target.name}, using the previous checkpoint", stacklevel=2)
+    self._manager.reload()
+    return target
+
+  def restore_latest(self, abstract_state) -> tuple[Optional[tuple], list[tuple[int, str]]]:
+    """((step, state, data position, meta) of the newest step that verifies and restores, or
+    None), plus the [(step, reason)] of newer steps found damaged and set aside."""
+    damaged = []
+    for step in reversed(self.steps()):
+      reason = self.damage(step)
+      if reason is None:
+        try:
+          return (step, *self.restore(step, abstract_state)), damaged
+        except Exception as e:  # orbax, tensorstore and JSON each raise their own types
+          reason = f"cannot be restored: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      self.set_aside(step, reason)
+      damaged.append((step, reason))
+    return None, damaged
 
   def steps(self) -> list[int]:
     self._manager.reload()
@@ -91,13 +156,25 @@ class PromptCheckpoints:
       return None
     scored = []
     for step in self.steps():
-      metrics = self.restore_meta(step).get("metrics") or {}
+      metrics = self._verified_metrics(step)
+      if metrics is None:
+        continue
       if self.best_metric in metrics:
         scored.append((metrics[self.best_metric], step))
     if not scored:
       return None
     pick = max if self.best_mode == "max" else min
     return pick(scored, key=lambda item: (item[0], -item[1]))[1]
+
+  def _verified_metrics(self, step: int) -> Optional[dict]:
+    """A step's saved metrics ({} if none), or None if the step is damaged (skipped here; a
+    resume reports and sets it aside)."""
+    if self.damage(step) is not None:
+      return None
+    try:
+      return self.restore_meta(step).get("metrics") or {}
+    except Exception:  # unreadable meta: the same damage, found by reading
+      return None
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
     """(state, data position, meta) of `step`; `abstract_state` gives structure and shardings."""

@@ -225,7 +225,15 @@ def _ext(buf, code: int, start: int, size: int):
 
 def _dtype(name: str) -> np.dtype:
   import jax.numpy as jnp  # knows bfloat16 and the other ml_dtypes names
-  return np.dtype(jnp.dtype(name))
+  try:
+    dtype = np.dtype(jnp.dtype(name))
+  except TypeError as e:
+    raise ValueError(f"unknown array dtype {name!r} ({e})") from None
+  if dtype.hasobject or not (jnp.issubdtype(dtype, jnp.number)
+                             or jnp.issubdtype(dtype, jnp.bool_)):
+    # Object arrays would be pointers (or pickles); a checkpoint array holds numbers.
+    raise ValueError(f"array dtype {name!r} is not numeric; refused")
+  return dtype
 
 
 def _is_ts_spec(node: Any) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 
 from softprompt_jax import metrics
 from softprompt_jax.data.tasks import (UNKNOWN_TARGET, RecordError, Task, class_id_postprocessor,
-                                       field, label_target, register_task, taskless)
+                                       field, label_target, register_task, short_repr, taskless)
 
 _NLI3 = ("entailment", "neutral", "contradiction")
 _NLI2 = ("entailment", "not_entailment")
@@ -72,16 +72,19 @@ def stsb_target(label) -> str:
 def _stsb_preprocessor(record: dict, *, training: bool, require_label: bool) -> list[dict]:
   parts = ["stsb sentence1:", field(record, "sentence1"), "sentence2:", field(record, "sentence2")]
   label = record.get("label") if not require_label else field(record, "label", kind=None)
-  if label is None:
-    target = UNKNOWN_TARGET
-  else:
+  score = None
+  if isinstance(label, (numbers.Real, str)) and not isinstance(label, bool):
     try:
-      if isinstance(label, bool) or not isinstance(label, (numbers.Real, str)):
-        raise ValueError
-      target = stsb_target(float(label))
+      score = float(label)
     except ValueError:
-      raise RecordError(f"field 'label' must be a similarity score (a number from 0 to 5); "
-                        f"got {label!r}") from None
+      pass
+  if label is None or score == -1:  # unlabeled, as test splits are
+    target = UNKNOWN_TARGET
+  elif score is not None and 0 <= score <= 5:  # NaN fails this too
+    target = stsb_target(score)
+  else:
+    raise RecordError(f"field 'label' must be a similarity score (a number from 0 to 5); "
+                      f"got {short_repr(label)}", "unknown_label")
   return [_with_idx({"inputs": " ".join(parts), "targets": target}, record)]
 
 

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Sequence
 
 import numpy as np
 
-from softprompt_jax.data.readers import DataError, Source, load_split
+from softprompt_jax.data.readers import DataError, SkipLog, Source, load_split
 from softprompt_jax.data.tasks import RecordError, Task, get_task
 from softprompt_jax.tokenizers import Vocabulary, get_vocabulary, pad_batch
 
 MIXING = ("proportional", "round_robin")
+# What to do with a record that cannot be read or formatted: raise, or leave it out and count it.
+BAD_RECORDS = ("error", "skip")
 
 
 @dataclasses.dataclass
@@ -38,11 +41,17 @@ class Batch:
 
 @dataclasses.dataclass
 class Stats:
-  """Counts over the batches this iterator (on this host) has produced."""
+  """Counts over the batches this iterator (on this host) has produced, and the bad records
+  left out when the data was loaded (bad_records="skip"; the same on every host)."""
 
   num_examples: int = 0
   num_truncated_inputs: int = 0
   num_truncated_targets: int = 0
+  num_skipped_records: int = 0
+  # reason ("malformed_json", "empty_field", "unknown_label", ...) -> count
+  skipped_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+  # "file:line: message" of the first few skipped records
+  first_skipped: list[str] = dataclasses.field(default_factory=list)
 
 
 def _rows_slice(rows, batch_size: int) -> slice:
@@ -205,19 +214,45 @@ def _resolve_sources(tasks: Sequence[Task], source) -> list[Source]:
   return [task.source if src is None else src for task, src in zip(tasks, sources)]
 
 
+_SKIP_HINT = " (fix the record, or set bad_records='skip' to leave bad records out and count them)"
+
+
+def check_bad_records(bad_records: str) -> None:
+  if bad_records not in BAD_RECORDS:
+    raise ValueError(f"bad_records must be 'error' (stop at the first bad record) or 'skip' "
+                     f"(leave bad records out and count them); got {bad_records!r}")
+
+
 def load_examples(task: Task, split: str, source: Source, *, training: bool,
-                  require_label: bool) -> list[dict]:
-  """The formatted examples of a split, each with "task" and "record_index"."""
-  data = load_split(source, split)
+                  require_label: bool, skip: SkipLog | None = None) -> list[dict]:
+  """The formatted examples of a split, each with "task" and "record_index".
+
+  A bad record raises a DataError / RecordError naming its file, line and field; with `skip`,
+  it is left out and counted there instead.
+  """
+  skipped_before = skip.num_skipped if skip is not None else 0
+  try:
+    data = load_split(source, split, skip)
+  except DataError as e:
+    if e.reason == "file":  # not one record's fault: skipping would not help
+      raise
+    raise DataError(f"{e}{_SKIP_HINT}", e.reason) from None
   examples = []
   for i, record in enumerate(data.records):
     try:
       formatted = task.examples(record, training=training, require_label=require_label)
     except RecordError as e:
-      raise RecordError(f"{data.locations[i]}: {e}") from None
+      if skip is None:
+        raise RecordError(f"{data.locations[i]}: {e}{_SKIP_HINT}", e.reason) from None
+      skip(RecordError(f"{data.locations[i]}: {e}", e.reason))
+      continue
     examples += [{**ex, "task": task.name, "record_index": i} for ex in formatted]
   if not examples:
-    raise DataError(f"task {task.name}, split {split!r}: no examples")
+    where = f" in {source}" if isinstance(source, (str, os.PathLike)) else ""
+    num_skipped = skip.num_skipped - skipped_before if skip is not None else 0
+    skipped = (f" ({num_skipped} bad record{'s' * (num_skipped != 1)} skipped; first: "
+               f"{skip.first[0] if skip.first else '-'})" if num_skipped else "")
+    raise DataError(f"task {task.name}, split {split!r}: no examples{where}{skipped}")
   return examples
 
 
@@ -227,7 +262,7 @@ def get_batches(task: str | Task | Sequence[str | Task], split: str,
                 repeat: bool | None = None, rows: slice | tuple[int, int] | None = None,
                 source: Source = None, prompt_id: int | Sequence[int] | None = None,
                 mixing: str = "proportional", require_labels: bool | None = None,
-                max_examples: int | None = None) -> BatchIterator:
+                max_examples: int | None = None, bad_records: str = "error") -> BatchIterator:
   """Batches of `task`'s `split` (a list of tasks: a mixture) for this host's `rows`.
 
   repeat: endless epochs (training; the default for split "train"), else one padded pass.
@@ -241,6 +276,9 @@ def get_batches(task: str | Task | Sequence[str | Task], split: str,
     or "round_robin" (tasks take turns, example by example); eval passes go task by task.
   require_labels: a record without its label is an error (default: unless split is test*).
   max_examples: keep only the first examples of each task (a quick eval).
+  bad_records: "error": a bad record (malformed JSON, invalid UTF-8, a missing or empty field,
+    an unknown label) raises an error naming file, line and field; "skip": it is left out and
+    counted in `stats` (num_skipped_records, skipped_by_reason, first_skipped).
   """
   tasks = [get_task(t) for t in ([task] if isinstance(task, (str, Task)) else task)]
   if not tasks:
@@ -249,6 +287,7 @@ def get_batches(task: str | Task | Sequence[str | Task], split: str,
     raise ValueError(f"a task appears twice in the mixture {[t.name for t in tasks]}")
   if mixing not in MIXING:
     raise ValueError(f"mixing must be one of {MIXING}; got {mixing!r}")
+  check_bad_records(bad_records)
   if min(batch_size, input_length, target_length, max_examples or 1) < 1:
     raise ValueError("batch_size, input_length, target_length and max_examples must be positive")
   repeat = split == "train" if repeat is None else repeat
@@ -262,12 +301,20 @@ def get_batches(task: str | Task | Sequence[str | Task], split: str,
       raise ValueError(f"{len(prompt_ids)} prompt ids for {len(tasks)} tasks")
   else:
     prompt_ids = None
-  examples = [load_examples(t, split, s, training=repeat, require_label=require_labels)
-              [:max_examples] for t, s in zip(tasks, _resolve_sources(tasks, source))]
-  return BatchIterator(tasks, examples, get_vocabulary(vocabulary), input_length=input_length,
-                       target_length=target_length, batch_size=batch_size, seed=seed,
-                       shuffle=shuffle, repeat=repeat, rows=_rows_slice(rows, batch_size),
-                       prompt_ids=prompt_ids, mixing=mixing)
+  skip = SkipLog() if bad_records == "skip" else None
+  examples = [load_examples(t, split, s, training=repeat, require_label=require_labels,
+                            skip=skip)[:max_examples]
+              for t, s in zip(tasks, _resolve_sources(tasks, source))]
+  iterator = BatchIterator(tasks, examples, get_vocabulary(vocabulary),
+                           input_length=input_length, target_length=target_length,
+                           batch_size=batch_size, seed=seed, shuffle=shuffle, repeat=repeat,
+                           rows=_rows_slice(rows, batch_size), prompt_ids=prompt_ids,
+                           mixing=mixing)
+  if skip is not None:
+    iterator.stats.num_skipped_records = skip.num_skipped
+    iterator.stats.skipped_by_reason = dict(skip.by_reason)
+    iterator.stats.first_skipped = list(skip.first)
+  return iterator
 
 
 def train_batches(task, split: str, vocabulary, *, batch_size: int, input_length: int,

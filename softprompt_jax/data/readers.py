@@ -13,10 +13,12 @@ named val or dev, as SuperGLUE and GLUE name it) or a `save_to_disk` dataset (di
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pathlib
-from typing import Any, Iterator, Sequence
+import re
+from typing import Any, Callable, Iterator, Sequence
 
 # A record with where it came from: "file:line" or "file row N".
 Located = tuple[str, dict]
@@ -24,7 +26,43 @@ Source = Any  # str | os.PathLike | Sequence[dict] | Callable[[str], Iterable[di
 
 
 class DataError(ValueError):
-  """A data file that cannot be read as records; the message names the file (and line)."""
+  """A data file that cannot be read as records; the message names the file (and line).
+
+  `reason` is a short category ("malformed_json", "invalid_utf8", ...) by which skipped
+  records are counted; file-level errors (a missing file, no header) have reason "file".
+  """
+
+  def __init__(self, message: str, reason: str = "file"):
+    super().__init__(message)
+    self.reason = reason
+
+
+# Called with each bad record's error when bad records are skipped (see SkipLog); None: raise.
+OnBadRecord = Callable[[ValueError], None] | None
+
+
+def _bad_record(error: DataError, on_bad: OnBadRecord) -> None:
+  """One record that cannot be read: raised, or handed to `on_bad` to count and go on."""
+  if on_bad is None:
+    raise error
+  on_bad(error)
+
+
+@dataclasses.dataclass
+class SkipLog:
+  """Bad records skipped instead of raised: counts by reason and the first few messages."""
+
+  num_skipped: int = 0
+  by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+  first: list[str] = dataclasses.field(default_factory=list)
+  max_first: int = 10
+
+  def __call__(self, error: ValueError) -> None:
+    reason = getattr(error, "reason", "invalid_record")
+    self.num_skipped += 1
+    self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+    if len(self.first) < self.max_first:
+      self.first.append(str(error))
 
 
 def _import_pyarrow():
@@ -38,37 +76,78 @@ def _import_pyarrow():
   return pyarrow
 
 
-def _lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
-  """(1-based line number, text without the newline), with errors naming file and line."""
+def _lines(path: pathlib.Path) -> Iterator[tuple[int, str | None, str | None]]:
+  """(1-based line number, text without the newline, None), or (number, None, why) for a line
+  that is not UTF-8, so that a caller skipping bad lines can go on after it."""
   with open(path, "rb") as f:
     for number, raw in enumerate(f, start=1):
       try:
         text = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{number}: invalid UTF-8 (byte {e.start} of the line)") from None
+        yield number, None, f"invalid UTF-8 (byte {e.start} of the line)"
+        continue
       if number == 1:
         text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
-      yield number, text.rstrip("\r\n")
+      yield number, text.rstrip("\r\n"), None
 
 
-def _located_jsonl(path: pathlib.Path) -> Iterator[Located]:
-  for number, line in _lines(path):
+# A JSON escape of a UTF-16 surrogate: pairs are joined into one character, lone ones are not
+# text (no tokenizer can encode them), so lines holding any are checked.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value) -> str | None:
+  """A lone surrogate character in any string (or key) of a parsed JSON value, else None."""
+  if isinstance(value, str):
+    found = re.search("[\ud800-\udfff]", value)
+    return found.group() if found else None
+  if isinstance(value, dict):
+    return next((c for item in value.items() for c in map(_lone_surrogate, item) if c), None)
+  if isinstance(value, list):
+    return next((c for c in map(_lone_surrogate, value) if c), None)
+  return None
+
+
+def _located_jsonl(path: pathlib.Path, on_bad: OnBadRecord = None) -> Iterator[Located]:
+  for number, line, invalid in _lines(path):
+    where = f"{path}:{number}"
+    if invalid:
+      _bad_record(DataError(f"{where}: {invalid}", "invalid_utf8"), on_bad)
+      continue
     if not line.strip():
       continue
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{number}: malformed JSON: {e.msg} (column {e.colno})") from None
+      _bad_record(DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})",
+                            "malformed_json"), on_bad)
+      continue
+    except RecursionError:
+      _bad_record(DataError(f"{where}: malformed JSON: nested too deeply to read",
+                            "malformed_json"), on_bad)
+      continue
     if not isinstance(record, dict):
-      raise DataError(f"{path}:{number}: expected a JSON object per line; got "
-                      f"{type(record).__name__}")
-    yield f"{path}:{number}", record
+      _bad_record(DataError(f"{where}: expected a JSON object per line; got "
+                            f"{type(record).__name__}", "not_an_object"), on_bad)
+      continue
+    if _SURROGATE_ESCAPE.search(line) and (char := _lone_surrogate(record)):
+      _bad_record(DataError(f"{where}: the JSON escape {ascii(char)} is half of a UTF-16 "
+                            "surrogate pair, not text; write the character itself",
+                            "invalid_utf8"), on_bad)
+      continue
+    yield where, record
 
 
-def _located_tsv(path: pathlib.Path) -> Iterator[Located]:
+def _located_tsv(path: pathlib.Path, on_bad: OnBadRecord = None) -> Iterator[Located]:
   # GLUE's TSVs quote nothing: a quote character is text (as TFDS reads them, QUOTE_NONE).
   header = None
-  for number, line in _lines(path):
+  for number, line, invalid in _lines(path):
+    where = f"{path}:{number}"
+    if invalid:
+      if header is None:  # without its header no row can be read: never skipped
+        raise DataError(f"{where}: {invalid} in the header row")
+      _bad_record(DataError(f"{where}: {invalid}", "invalid_utf8"), on_bad)
+      continue
     if not line.strip():
       continue
     cells = line.split("\t")
@@ -76,35 +155,53 @@ def _located_tsv(path: pathlib.Path) -> Iterator[Located]:
       header = cells
       continue
     if len(cells) != len(header):
-      raise DataError(f"{path}:{number}: {len(cells)} tab-separated fields, but the header has "
-                      f"{len(header)} ({', '.join(header)})")
-    yield f"{path}:{number}", dict(zip(header, cells))
+      _bad_record(DataError(f"{where}: {len(cells)} tab-separated fields, but the header has "
+                            f"{len(header)} ({', '.join(header)})", "field_count"), on_bad)
+      continue
+    yield where, dict(zip(header, cells))
   if header is None:
     raise DataError(f"{path}: empty file; a TSV file needs a header row")
 
 
-def _located_csv(path: pathlib.Path) -> Iterator[Located]:
+def _located_csv(path: pathlib.Path, on_bad: OnBadRecord = None) -> Iterator[Located]:
   import csv
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.reader(f)
+  # Bytes that are not UTF-8 become lone surrogates (surrogateescape), so that the row holding
+  # them is found and named by its line; valid UTF-8 never decodes to a surrogate.
+  text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+  reader = csv.reader(io.StringIO(text, newline=""))
+  header = None
+  while True:
+    first_line = reader.line_num + 1  # a quoted cell may span lines: name the row's first
     try:
-      header = None
-      for cells in reader:
-        if not cells:
-          continue
-        if header is None:
-          header = cells
-          continue
-        if len(cells) != len(header):
-          raise DataError(f"{path}:{reader.line_num}: {len(cells)} fields, but the header has "
-                          f"{len(header)} ({', '.join(header)})")
-        yield f"{path}:{reader.line_num}", dict(zip(header, cells))
-    except UnicodeDecodeError as e:
-      raise DataError(f"{path}:{reader.line_num + 1}: invalid UTF-8 ({e.reason})") from None
-    except csv.Error as e:
-      raise DataError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
+      cells = next(reader)
+    except StopIteration:
+      break
+    except csv.Error as e:  # the parse cannot resume reliably (an open quote): never skipped
+      raise DataError(f"{path}:{first_line}: malformed CSV: {e}") from None
+    if not cells:
+      continue
+    where = f"{path}:{first_line}"
+    bad_cell = next((i for i, cell in enumerate(cells) if _NOT_UTF8.search(cell)), None)
+    if bad_cell is not None:
+      if header is None:
+        raise DataError(f"{where}: invalid UTF-8 in the header row")
+      column = header[bad_cell] if bad_cell < len(header) else f"#{bad_cell + 1}"
+      _bad_record(DataError(f"{where}: invalid UTF-8 in field {column!r}", "invalid_utf8"),
+                  on_bad)
+      continue
+    if header is None:
+      header = cells
+      continue
+    if len(cells) != len(header):
+      _bad_record(DataError(f"{where}: {len(cells)} fields, but the header has "
+                            f"{len(header)} ({', '.join(header)})", "field_count"), on_bad)
+      continue
+    yield where, dict(zip(header, cells))
   if header is None:
     raise DataError(f"{path}: empty file; a CSV file needs a header row")
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a non-UTF-8 byte
 
 
 def _located_table_batches(path: pathlib.Path, batches) -> Iterator[Located]:
@@ -166,7 +263,8 @@ def _split_names(split: str) -> list[str]:
   return list(dict.fromkeys(names))
 
 
-def _located_directory(directory: pathlib.Path, split: str | None) -> Iterator[Located]:
+def _located_directory(directory: pathlib.Path, split: str | None,
+                       on_bad: OnBadRecord = None) -> Iterator[Located]:
   if (directory / "state.json").is_file():  # one saved Dataset
     for file in _saved_dataset_files(directory):
       yield from _located_arrow(file)
@@ -181,18 +279,23 @@ def _located_directory(directory: pathlib.Path, split: str | None) -> Iterator[L
     candidates += [directory / name for name in _split_names(split)]
   for candidate in candidates:
     if candidate.is_file() or (candidate / "state.json").is_file():
-      yield from located_records(candidate, split)
+      yield from located_records(candidate, split, on_bad)
       return
   present = sorted(p.name for p in directory.iterdir())[:20]
   raise DataError(f"{directory}: no data for split {split!r} (looked for "
                   f"{', '.join(c.name for c in candidates[:6])}, ...; found {present})")
 
 
-def located_records(path: str | os.PathLike, split: str | None = None) -> Iterator[Located]:
-  """(where, record) for each record of a file or directory, by its file type."""
+def located_records(path: str | os.PathLike, split: str | None = None,
+                    on_bad: OnBadRecord = None) -> Iterator[Located]:
+  """(where, record) for each record of a file or directory, by its file type.
+
+  A bad line (malformed JSON, invalid UTF-8, a wrong number of fields) raises a DataError
+  naming file and line, or, with `on_bad` (e.g. a SkipLog), is handed to it and skipped.
+  """
   path = pathlib.Path(path)
   if path.is_dir():
-    yield from _located_directory(path, split)
+    yield from _located_directory(path, split, on_bad)
     return
   if not path.is_file():
     raise DataError(f"{path}: no such file or directory")
@@ -201,7 +304,10 @@ def located_records(path: str | os.PathLike, split: str | None = None) -> Iterat
   if path.suffix.lower() not in readers:
     raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of "
                     f"{', '.join(readers)} or a Hugging Face save_to_disk directory")
-  yield from readers[path.suffix.lower()](path)
+  if path.suffix.lower() in (".jsonl", ".tsv", ".csv"):  # the formats with bad lines
+    yield from readers[path.suffix.lower()](path, on_bad)
+  else:
+    yield from readers[path.suffix.lower()](path)
 
 
 def _records(located: Iterator[Located]) -> Iterator[dict]:
@@ -245,14 +351,18 @@ class Split:
     return len(self.records)
 
 
-def load_split(source: Source, split: str) -> Split:
-  """All records of `split` from `source` (see the module docstring for what a source is)."""
+def load_split(source: Source, split: str, on_bad: OnBadRecord = None) -> Split:
+  """All records of `split` from `source` (see the module docstring for what a source is).
+
+  Bad records raise a DataError naming where they are, or, with `on_bad`, are handed to it
+  and left out.
+  """
   if isinstance(source, dict):
     if split not in source:
       raise DataError(f"no source for split {split!r}; the source has {sorted(source)}")
-    return load_split(source[split], split)
+    return load_split(source[split], split, on_bad)
   if isinstance(source, (str, os.PathLike)):
-    located = list(located_records(source, split))
+    located = list(located_records(source, split, on_bad))
   elif callable(source):
     name = getattr(source, "__name__", "source")
     located = [(f"{name}({split!r}) record {i}", r) for i, r in enumerate(source(split))]
@@ -261,7 +371,11 @@ def load_split(source: Source, split: str) -> Split:
   else:
     raise TypeError(f"a data source is a path, a list of records, a callable(split) or a dict "
                     f"of those by split; got {type(source).__name__}")
+  kept = []
   for where, record in located:
-    if not isinstance(record, dict):
-      raise DataError(f"{where}: a record must be a dict; got {type(record).__name__}")
-  return Split(records=[r for _, r in located], locations=[w for w, _ in located])
+    if isinstance(record, dict):
+      kept.append((where, record))
+    else:
+      _bad_record(DataError(f"{where}: a record must be a dict; got {type(record).__name__}",
+                            "not_an_object"), on_bad)
+  return Split(records=[r for _, r in kept], locations=[w for w, _ in kept])

@@ -15,7 +15,8 @@ import re
 from softprompt_jax import metrics
 from softprompt_jax.data.glue import glue_preprocessor
 from softprompt_jax.data.tasks import (UNKNOWN_TARGET, RecordError, Task, class_id_postprocessor,
-                                       field, label_index, label_target, register_task, taskless)
+                                       field, label_index, label_target, register_task,
+                                       short_repr, taskless)
 
 _BOOL = ("False", "True")
 _NLI2 = ("entailment", "not_entailment")
@@ -101,15 +102,18 @@ def _record_queries(record: dict, require_label: bool) -> list[dict]:
   try:
     # Entity ends are inclusive in the official files.
     entities = sorted({text[e["start"]:e["end"] + 1] for e in spans})
-  except (KeyError, TypeError):
-    raise RecordError("passage.entities must be a list of {start, end}") from None
+  except (KeyError, TypeError, IndexError):
+    raise RecordError("passage.entities must be a list of {start, end} (integers)",
+                      "wrong_type") from None
   queries = []
   for q, qa in enumerate(field(record, "qas", list)):
     if not isinstance(qa, dict):
-      raise RecordError(f"qas[{q}] must be a dict; got {type(qa).__name__}")
-    if require_label:
+      raise RecordError(f"qas[{q}] must be a dict; got {type(qa).__name__}", "wrong_type")
+    if require_label or qa.get("answers") is not None:  # test splits: absent or null
       field(qa, "answers", list, parent=f"qas[{q}]")
-    answers = [a["text"] for a in qa.get("answers", []) if isinstance(a, dict) and "text" in a]
+    answers = [field(a, "text", parent=f"qas[{q}].answers[{i}]", non_empty=False)
+               for i, a in enumerate(qa.get("answers") or [])
+               if isinstance(a, dict) and "text" in a]
     queries.append({"passage": text, "query": field(qa, "query", parent=f"qas[{q}]"),
                     "entities": entities, "answers": sorted(set(answers)),
                     "idx": {"passage": record.get("idx"), "query": qa.get("idx", q)}})
@@ -122,14 +126,24 @@ def record_passage(passage: str) -> str:
   return re.sub(r"\n@highlight\n", ". ", passage)
 
 
+def _strings(record: dict, name: str) -> list[str]:
+  """record[name] as a list of strings, or a RecordError naming the field."""
+  values = field(record, name, list)
+  if not all(isinstance(v, str) for v in values):
+    raise RecordError(f"field {name!r} must be a list of str; got {short_repr(values)}",
+                      "wrong_type")
+  return values
+
+
 def _record_preprocessor(record: dict, *, training: bool, require_label: bool) -> list[dict]:
   nested = isinstance(record.get("passage"), dict)
   examples = []
   for query in (_record_queries(record, require_label) if nested else [record]):
-    entities = field(query, "entities", list)
+    entities = _strings(query, "entities")
     inputs = " ".join(["record query:", field(query, "query"), "entities:", ", ".join(entities),
                        "passage:", record_passage(field(query, "passage"))])
-    answers = field(query, "answers", list) if require_label else query.get("answers") or []
+    answers = (_strings(query, "answers") if require_label or query.get("answers") is not None
+               else [])
     idx = query.get("idx") if isinstance(query.get("idx"), dict) else {}
     group = (idx.get("passage"), idx["query"]) if idx.get("query") is not None else inputs
     # T5 makes one example per answer and scores only the first of each query; at eval one

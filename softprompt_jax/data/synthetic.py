@@ -87,8 +87,10 @@ def _preprocessor(with_instruction: bool, classify: bool):
   def preprocess(record: dict, *, training: bool, require_label: bool) -> list[dict]:
     text = field(record, "text")
     inputs = f"{field(record, 'instruction')} {text}" if with_instruction else text
+    # A generation target may be empty (the model then learns to stop at once).
     targets = (label_target(record, SENTIMENT_LABELS, required=require_label) if classify
-               else field(record, "target") if require_label or "target" in record else "<unk>")
+               else field(record, "target", non_empty=False)
+               if require_label or "target" in record else "<unk>")
     return [{"inputs": inputs, "targets": targets, "idx": record.get("idx")}]
   return preprocess
 

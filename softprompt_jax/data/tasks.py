@@ -19,7 +19,15 @@ UNKNOWN_TARGET = "<unk>"  # T5's target for an unlabeled (test-set) record
 
 
 class RecordError(ValueError):
-  """A record that a task cannot format: a missing or ill-typed field, an unknown label."""
+  """A record that a task cannot format: a missing, empty or ill-typed field, an unknown label.
+
+  `reason` is a short category ("missing_field", "empty_field", "wrong_type", "unknown_label",
+  "invalid_record") by which skipped records are counted.
+  """
+
+  def __init__(self, message: str, reason: str = "invalid_record"):
+    super().__init__(message)
+    self.reason = reason
 
 
 class UnknownTaskError(KeyError):
@@ -65,11 +73,11 @@ class Task:
     """
     if not isinstance(record, dict):
       raise RecordError(f"{self.name}: a record must be a dict of fields; got "
-                        f"{type(record).__name__}")
+                        f"{type(record).__name__}", "not_an_object")
     try:
       return self.preprocessor(record, training=training, require_label=require_label)
     except RecordError as e:
-      raise RecordError(f"{self.name}: {e}") from None
+      raise RecordError(f"{self.name}: {e}", e.reason) from None
 
   def format(self, record: dict) -> dict:
     """The one eval example of `record`: {"inputs": str, "targets": str, ...}."""
@@ -96,17 +104,39 @@ class Task:
 
 # --- Record fields ----------------------------------------------------------------------------
 
+def short_repr(value, limit: int = 60) -> str:
+  """repr(value), cut to `limit` characters: error messages stay one readable line."""
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def field(record: dict, name: str, kind: type | tuple[type, ...] | None = str,
-          parent: str = "the record"):
-  """record[name], or a RecordError naming the field (and its expected type)."""
+          parent: str = "the record", non_empty: bool | None = None):
+  """record[name], or a RecordError naming the field (and its expected type).
+
+  non_empty: an empty or whitespace-only string is an error (a model input of nothing is a
+  broken record, not data). Default: for text fields (kind str), as all the built-in tasks'
+  text inputs are; pass False for text that may legitimately be empty.
+  """
   if not isinstance(record, dict):
-    raise RecordError(f"{parent} must be a dict of fields; got {type(record).__name__}")
+    raise RecordError(f"{parent} must be a dict of fields; got {type(record).__name__}",
+                      "wrong_type")
+  qualified = name if parent == "the record" else f"{parent}.{name}"
   if name not in record:
-    raise RecordError(f"{parent} has no field {name!r} (its fields: {sorted(record)})")
+    fields = sorted(map(str, record))
+    listed = ", ".join(map(repr, fields[:20])) + (", ..." if len(fields) > 20 else "")
+    raise RecordError(f"{parent} has no field {name!r} (its fields: [{listed}])",
+                      "missing_field")
   value = record[name]
   if kind is not None and not isinstance(value, kind):
     names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-    raise RecordError(f"field {name!r} must be {names}; got {type(value).__name__} {value!r}")
+    raise RecordError(f"field {qualified!r} must be {names}; got {type(value).__name__} "
+                      f"{short_repr(value)}", "wrong_type")
+  if non_empty is None:
+    non_empty = kind is str
+  if non_empty and isinstance(value, str) and not value.strip():
+    raise RecordError(f"field {qualified!r} is empty{'' if not value else ' (only whitespace)'}"
+                      "; it must hold some text", "empty_field")
   return value
 
 
@@ -132,13 +162,14 @@ def label_index(record: dict, label_names: Sequence[str], name: str = "label",
   elif isinstance(value, str):
     if value in label_names:
       index = list(label_names).index(value)
-    elif value.strip().lstrip("-").isdigit():  # a TSV/CSV cell
-      index = int(value)
+    elif re.fullmatch(r"-?[0-9]+", value.strip()):  # a TSV/CSV cell; ASCII digits only
+      index = int(value.strip())
     elif value.lower() in ("true", "false") and tuple(label_names) == ("False", "True"):
       index = int(value.lower() == "true")
   if index is None or not 0 <= index < len(label_names):
-    raise RecordError(f"field {name!r} has the unknown label {value!r}; expected one of "
-                      f"{list(label_names)} or an index 0..{len(label_names) - 1}")
+    raise RecordError(f"field {name!r} has the unknown label {short_repr(value)}; expected one "
+                      f"of {list(label_names)} or an index 0..{len(label_names) - 1}",
+                      "unknown_label")
   return index
 
 
