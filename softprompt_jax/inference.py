@@ -61,13 +61,19 @@ def _check_prompt_fits(values: np.ndarray, config, source: str) -> None:
 def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optional[str] = None,
              prompt_file: Optional[str] = None, data_source=None, split: str = "validation",
              batch_size: int = 32, input_length: int = 512, target_length: int = 8,
-             max_examples: Optional[int] = None, num_partitions: int = 1) -> dict:
+             max_examples: Optional[int] = None, num_partitions: int = 1,
+             bad_records: str = "error") -> dict:
   """Metrics of a trained prompt (`prompt_file`, else the run in `model_dir`) on `split`;
-  written to MODEL_DIR/eval_<split>.json when a run directory is given."""
-  from softprompt_jax.data import get_task
+  written to MODEL_DIR/eval_<split>.json when a run directory is given. With
+  bad_records='skip', bad records are left out and counted in `num_skipped_records`."""
+  from softprompt_jax.data import get_task, pipeline
   source = prompt_file or model_dir
   if source is None:
     raise ConfigError("evaluate needs a prompt: set PROMPT_FILE or --model_dir")
+  try:
+    pipeline.check_bad_records(bad_records)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   task = get_task(task)  # before reading anything
   values = _prompt_values(source)
   setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=values.shape[0],
@@ -77,7 +83,7 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
                     dropout_rate=0.0, seed=0, prompt_values=values, prompt_source=str(source))
   metrics = run_eval(setup, setup.params, split, data_source=data_source, batch_size=batch_size,
                      input_length=input_length, target_length=target_length,
-                     max_examples=max_examples)
+                     max_examples=max_examples, bad_records=bad_records)
   if model_dir is not None and jax.process_index() == 0:
     out = pathlib.Path(model_dir) / f"eval_{split}.json"
     out.write_text(json.dumps({"task": setup.task.name, "split": split, "prompt": str(source),

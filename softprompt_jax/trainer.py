@@ -208,6 +208,8 @@ def run_eval(setup: Setup, params, split: str, *, data_source, batch_size: int,
     raise ConfigError(f"{setup.task.name}: split {split!r} has no examples to evaluate")
   metrics = setup.task.evaluate(examples, predictions)
   metrics["num_examples"] = float(len(examples))
+  if stream.stats.num_skipped_records:
+    metrics["num_skipped_records"] = float(stream.stats.num_skipped_records)
   return metrics
 
 

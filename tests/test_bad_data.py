@@ -237,3 +237,16 @@ def test_train_skips_bad_records_and_reports_them_in_the_summary(tmp_path, capsy
   assert summary["data"]["num_examples"] == 16
   assert 3 <= summary["data"]["num_truncated_inputs"] < 16
   assert summary["final_eval"]["num_examples"] == 4.0
+
+  # `eval` reads the validation file the same way: stop in one line, or skip and count.
+  evaluate = ["eval", "--gin_file", "models/tiny.gin", "--gin_file", "runs/prompt_eval.gin",
+              "--model_dir", str(run), f"--gin.DATA='{data}'",
+              "--gin.TASK='taskless_synthetic_sentiment'", "--gin.evaluate.input_length=16",
+              "--gin.evaluate.target_length=10"]
+  capsys.readouterr()
+  assert main(evaluate) == 2
+  assert f"error: {data / 'validation.jsonl'}:6: invalid UTF-8" in capsys.readouterr().err
+  assert main(evaluate + ["--gin.evaluate.bad_records='skip'"]) == 0
+  evaluated = json.loads((run / "eval_validation.json").read_text())
+  assert evaluated["metrics"]["num_skipped_records"] == 1.0
+  assert evaluated["metrics"]["num_examples"] == 5.0
