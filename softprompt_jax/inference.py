@@ -13,10 +13,9 @@ import numpy as np
 from softprompt_jax import interpret, prompts
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
-from softprompt_jax.tokenizers import get_vocabulary
 from softprompt_jax.trainer import (CHECKPOINT_SUBDIR, PROMPT_FILE, ConfigError,
-                                    _check_vocabulary_fits, _config_of, run_eval, run_prompt,
-                                    setup_run)
+                                    _check_vocabulary_fits, _config_of, checked_bad_records,
+                                    load_vocabulary, run_eval, run_prompt, setup_run)
 
 _PROMPT_SOURCES = "a .npy file, a PEFT adapter directory or a run directory"
 
@@ -42,15 +41,6 @@ def _prompt_values(source) -> np.ndarray:
                           f"{PROMPT_FILE} or {CHECKPOINT_SUBDIR}/; give {_PROMPT_SOURCES}")
 
 
-def _vocabulary(spec):
-  if spec is None:
-    raise ConfigError("no vocabulary: set VOCABULARY (a sentencepiece .model path, or 'byte')")
-  try:
-    return get_vocabulary(spec)
-  except ValueError as e:  # an unknown name, or a file that is no SentencePiece model
-    raise ConfigError(str(e)) from None
-
-
 def _check_prompt_fits(values: np.ndarray, config, source: str) -> None:
   """A prompt made for another model (another d_model) fails here, before weights are read."""
   shape = tuple(values.shape[:-1]) + (config.emb_dim,)
@@ -66,14 +56,11 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
   """Metrics of a trained prompt (`prompt_file`, else the run in `model_dir`) on `split`;
   written to MODEL_DIR/eval_<split>.json when a run directory is given. With
   bad_records='skip', bad records are left out and counted in `num_skipped_records`."""
-  from softprompt_jax.data import get_task, pipeline
+  from softprompt_jax.data import get_task
   source = prompt_file or model_dir
   if source is None:
     raise ConfigError("evaluate needs a prompt: set PROMPT_FILE or --model_dir")
-  try:
-    pipeline.check_bad_records(bad_records)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  checked_bad_records(bad_records)
   task = get_task(task)  # before reading anything
   values = _prompt_values(source)
   setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=values.shape[0],
@@ -105,7 +92,7 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
   if not names:
     raise ConfigError("infer needs PROMPTS: a mapping task name -> prompt (.npy / run dir)")
   values = {name: _prompt_values(prompts[name]) for name in names}
-  vocab = _vocabulary(vocabulary)
+  vocab = load_vocabulary(vocabulary)
   config = _config_of(model, {"dropout_rate": 0.0})  # metadata only
   _check_vocabulary_fits(vocab, config)
   for name in names:
@@ -172,7 +159,7 @@ def interpret_prompt(*, model_dir: str, model: Optional[ModelSpec] = None, vocab
       spec["overrides"] = tuple(sorted(spec["overrides"].items()))
       model = ModelSpec(**spec)
     vocabulary = vocabulary or meta.get("vocabulary")
-  vocab = _vocabulary(vocabulary) if vocabulary else None
+  vocab = load_vocabulary(vocabulary) if vocabulary else None
   config = _config_of(model, {})  # metadata only
   if vocab is not None:
     _check_vocabulary_fits(vocab, config)

@@ -68,6 +68,26 @@ def _prompt_initializer(factory: Callable, task, vocabulary) -> prompts.PromptIn
   return factory(**kwargs)
 
 
+def load_vocabulary(spec):
+  """The vocabulary named by `spec`; a missing or unknown one is a ConfigError."""
+  if spec is None:
+    raise ConfigError("no vocabulary: set VOCABULARY (a sentencepiece .model path, or 'byte')")
+  try:
+    return get_vocabulary(spec)
+  except ValueError as e:  # an unknown name, or a file that is no SentencePiece model
+    raise ConfigError(str(e)) from None
+
+
+def checked_bad_records(bad_records: str) -> str:
+  """`bad_records` if valid, else a ConfigError before any work."""
+  from softprompt_jax.data import pipeline
+  try:
+    pipeline.check_bad_records(bad_records)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return bad_records
+
+
 def _check_vocabulary_fits(vocabulary, config):
   if vocabulary.vocab_size > config.vocab_size:
     raise ConfigError(f"the vocabulary has {vocabulary.vocab_size} ids but the model's embedding "
@@ -111,12 +131,7 @@ def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_
   """
   from softprompt_jax.data import get_task
   task = get_task(task) if isinstance(task, str) else task
-  if vocabulary is None:
-    raise ConfigError("no vocabulary: set VOCABULARY (a sentencepiece .model path, or 'byte')")
-  try:
-    vocabulary = get_vocabulary(vocabulary)
-  except ValueError as e:  # an unknown name, or a file that is no SentencePiece model
-    raise ConfigError(str(e)) from None
+  vocabulary = load_vocabulary(vocabulary)
   try:
     partitioner = partitioning.Partitioner.create(
         num_partitions=num_partitions, mesh_shape=mesh_shape,
@@ -140,12 +155,9 @@ def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_
         meta = None
       finally:
         saved.close()
-      current = {"task": task.name, "prompt_length": prompt_length, "trainable": list(trainable)}
-      for key, value in current.items():
-        if meta is not None and meta.get(key) != value:
-          raise ConfigError(f"{resume_dir}: this run directory was trained with {key}="
-                            f"{meta.get(key)!r}, now {value!r}; use a new --model_dir or "
-                            "restore the original setting")
+      if meta is not None:  # the fingerprint is checked on restore, after hashing the model
+        _check_same_run(meta, {"task": task.name, "prompt_length": prompt_length,
+                               "trainable": list(trainable)}, resume_dir)
   overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
   config = _config_of(model, overrides)  # reads metadata only
   _check_vocabulary_fits(vocabulary, config)
@@ -264,10 +276,7 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   model_dir = pathlib.Path(model_dir)
   if num_steps < 1 or eval_every < 1:
     raise ConfigError(f"num_steps ({num_steps}) and eval_every ({eval_every}) must be >= 1")
-  try:
-    pipeline.check_bad_records(bad_records)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  checked_bad_records(bad_records)
   setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=prompt_length,
                     prompt_init=prompt_init, placement=placement, trainable=trainable,
                     num_partitions=num_partitions, mesh_shape=mesh_shape,
@@ -367,9 +376,13 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   return summary
 
 
+_RUN_IDENTITY = ("task", "prompt_length", "trainable", "model_fingerprint")
+
+
 def _check_same_run(saved: dict, current: dict, model_dir) -> None:
-  """Resuming with a different model, task or prompt shape would silently mix two runs."""
-  for key in ("task", "prompt_length", "trainable", "model_fingerprint"):
+  """Resuming with a different model, task or prompt shape would silently mix two runs.
+  Compares the identity keys that `current` holds."""
+  for key in (k for k in _RUN_IDENTITY if k in current):
     if saved.get(key) != current.get(key):
       raise ConfigError(f"{model_dir}: this run directory was trained with {key}="
                         f"{saved.get(key)!r}, now {current.get(key)!r}; use a new --model_dir "
