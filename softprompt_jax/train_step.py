@@ -40,11 +40,15 @@ class LossConfig:
 
 def init_train_state(params: dict, labels: dict, optimizer: optax.GradientTransformation):
   """(TrainState, frozen params). The optimizer sees the whole tree: its state holds slots only
-  for trainable leaves (set_to_zero, for frozen ones, is stateless)."""
+  for trainable leaves (set_to_zero, for frozen ones, is stateless).
+
+  Trainable leaves and their optimizer slots are float32 whatever dtype the frozen weights are
+  stored in (`frozen_model.frozen_dtype`): updates of 0.3 x a small gradient vanish in bfloat16.
+  """
   trainable, frozen = optim.split_trainable(params, labels)
-  # The step donates the state's buffers; copy so the caller's `params` stay valid.
-  trainable = jax.tree_util.tree_map(jnp.copy, trainable)
-  opt_state = optimizer.init(params)
+  # The step donates the state's buffers; copy (in float32) so the caller's `params` stay valid.
+  trainable = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32).copy(), trainable)
+  opt_state = optimizer.init(optim.merge(trainable, frozen))
   return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state), frozen
 
 

@@ -103,6 +103,7 @@ def _config_of(spec: ModelSpec, overrides: dict):
   from softprompt_jax.loading import checked_overrides, open_checkpoint
   from softprompt_jax.t5_config import FAMILIES
   try:
+    spec.check()
     merged = checked_overrides({**dict(spec.overrides), **overrides}, who="overrides")
     if not spec.checkpoint:
       if spec.family not in FAMILIES:

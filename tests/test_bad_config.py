@@ -82,6 +82,8 @@ TRAIN_FAULTS = {
     "unknown_vocabulary": (["--gin.VOCABULARY='bytes'"], ["unknown vocabulary 'bytes'", "'byte'"]),
     "unknown_override": (["--gin.frozen_model.overrides={'vocab_sise': 384}"],
                          ["'vocab_sise'", "did you mean 'vocab_size'"]),
+    "unknown_frozen_dtype": (["--gin.frozen_model.frozen_dtype='int8'"],
+                             ["frozen_model.frozen_dtype='int8'", "'bfloat16'"]),
     "misspelled_binding": (["--gin.train.num_stepz=3"],
                            ["gin configuration", "'num_stepz'", "train.num_stepz=3"]),
     "unset_macro": (["--gin.train.task=%NO_SUCH_MACRO"], ["%NO_SUCH_MACRO", "--gin.NO_SUCH_MACRO"]),
