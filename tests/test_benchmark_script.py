@@ -1,10 +1,13 @@
 """scripts/benchmark.py runs end to end on the tiny model and ends with its JSON summary.
 
 No timing is asserted (speed is the benchmark's business, not the suite's); what is checked is
-that every comparison ran, on the same function: our loss equals PEFT's on the same weights and
-batch, and our greedy tokens equal transformers' `generate`.
-"""
+that every comparison ran, on the same function: our loss and logits equal PEFT's on the same
+weights and batch (and, in the same run, a wrong prompt fails that check), our greedy tokens
+equal transformers' `generate`; in bfloat16 the frozen weights really are stored in bfloat16
+while the prompt and its optimizer state stay float32; and the GPU run's largest size (xl)
+builds (traced, never run)."""
 
+import importlib.util
 import json
 import math
 import pathlib
@@ -19,22 +22,80 @@ pytest.importorskip("peft")
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 KEYS = ("prompt_over_model_tuning_step", "ours_over_peft_step", "mfu",
         "prompt_over_model_tuning_peak_mem", "mixed_over_single_batch")
+TINY = ["--quick", "--speed_sizes", "tiny", "--reps", "1", "--batch", "8", "--input_len", "12",
+        "--target_len", "4", "--prompt_len", "3"]
+
+
+def run_script(*args, timeout=600):
+  out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                       timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def test_benchmark_runs_and_prints_json(tmp_path):
   details = tmp_path / "benchmark.json"
-  out = subprocess.run(
-      [sys.executable, str(SCRIPT), "--quick", "--speed_sizes", "tiny", "--memory_size", "tiny",
-       "--reps", "1", "--batch", "8", "--input_len", "12", "--target_len", "4",
-       "--prompt_len", "3", "--json_out", str(details)],
-      capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  summary = run_script(*TINY, "--memory_size", "tiny", "--json_out", str(details))
   for key in KEYS:
     assert isinstance(summary[key], float) and math.isfinite(summary[key]) and summary[key] > 0, key
   full = json.loads(details.read_text())
   assert full["summary"] == summary
-  assert full["speed"]["tiny"]["loss"]["relative_difference"] < 1e-4
+  assert summary["dtype"] == "float32" and summary["same_function"] is True
+  loss = full["speed"]["tiny"]["loss"]
+  assert loss["relative_difference"] < 1e-4 and loss["logits_relative_difference"] < 1e-3
+  assert loss["wrong_prompt_logits_relative_difference"] > 0.2  # the check tells it apart
   assert full["speed"]["tiny"]["greedy"]["token_agreement"] >= 0.95
-  for name in ("prompt_tuning", "model_tuning"):
-    assert full["memory"][name]["peak_rss_bytes"] > full["memory"][name]["baseline_rss_bytes"]
+  assert full["speed"]["tiny"]["storage"]["frozen_dtypes"] == ["float32"]
+  assert full["machine"]["torch_device"] == "cpu" and full["machine"]["gpu"] is False
+  for name in ("prompt_tuning", "model_tuning", "peft_prompt_tuning"):
+    m = full["memory"][name]
+    assert m["peak_source"] == "host: VmHWM"
+    assert m["peak_bytes"] == m["peak_rss_bytes"] > m["baseline_rss_bytes"]
+
+
+def test_bfloat16_stores_frozen_weights_in_bfloat16_and_computes_the_same_function(tmp_path):
+  details = tmp_path / "benchmark.json"
+  summary = run_script(*TINY, "--dtype", "bfloat16", "--skip_memory", "--json_out", str(details))
+  full = json.loads(details.read_text())
+  assert summary["dtype"] == full["settings"]["dtype"] == "bfloat16"
+  assert full["matmul"]["dtype"] == "bfloat16" and full["matmul"]["datasheet"] is None
+  loss = full["speed"]["tiny"]["loss"]
+  assert loss["passed"] is True and summary["same_function"] is True
+  assert loss["precision"] == "bfloat16" and loss["tolerance"] == {"loss": 2e-2, "logits": 1e-1}
+  assert loss["peft_loss_dtype"] == "torch.bfloat16"  # PEFT's side really ran in bfloat16
+  assert 0 < loss["logits_relative_difference"] <= 1e-1  # not float32's agreement, within bf16's
+  assert loss["relative_difference"] <= 2e-2
+  # ... and a wrong model is outside it: the script's control, PEFT with a shifted prompt.
+  assert loss["wrong_prompt_logits_relative_difference"] > 0.2
+  stored = full["speed"]["tiny"]["storage"]
+  assert stored["frozen_dtypes"] == summary["frozen_dtypes"] == ["bfloat16"]
+  assert stored["frozen_bytes"] == summary["frozen_bytes"] == 2 * stored["frozen_params"]
+  assert stored["trainable_dtypes"] == stored["opt_state_dtypes"] == ["float32"]
+
+
+def test_xl_builds_for_the_gpu_run_traced_only(bench):
+  s = dict(bench.SHAPE, dtype="bfloat16")
+  t = bench.trace("xl", s)
+  assert t["same_param_count"] and 2.8e9 < t["frozen_params"] < 2.9e9
+  assert t["frozen_dtypes"] == ["bfloat16"] and t["frozen_bytes"] == 2 * t["frozen_params"]
+  assert t["trainable_dtypes"] == t["opt_state_dtypes"] == ["float32"]
+  assert t["loss_shape"] == []
+
+
+def test_datasheet_peaks_match_gpu_names(bench):
+  h200 = bench.datasheet_peak("NVIDIA H200", "bfloat16")
+  assert h200["flops"] == 989e12 and h200["precision"] == "bf16 dense"
+  assert bench.datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16")["flops"] == 989e12
+  assert bench.datasheet_peak("NVIDIA H100 PCIe", "bfloat16")["flops"] == 756e12
+  assert bench.datasheet_peak("NVIDIA A100-SXM4-40GB", "float32")["precision"] == "tf32 dense"
+  assert bench.datasheet_peak("NVIDIA A100-SXM4-80GB", "bfloat16")["flops"] == 312e12
+  assert bench.datasheet_peak("NVIDIA H100 NVL", "bfloat16") is None
+  assert bench.datasheet_peak("cpu", "bfloat16") is None
