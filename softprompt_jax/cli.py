@@ -10,13 +10,21 @@ import sys
 import tempfile
 import time
 
+from softprompt_jax.peers import PEER_LOST_STATUS
+
 TRACEBACK_ENV = "SOFTPROMPT_JAX_TRACEBACK"
 # Exit status of a run stopped by a configuration or input error (argparse's usage status).
 USAGE_STATUS = 2
+# The commands that join the other processes of a multi-host run.
+MULTI_HOST_COMMANDS = ("train", "eval", "infer")
 
 
 class UsageError(ValueError):
   """A command line that cannot work (an unknown argument, a missing option)."""
+
+
+class DistributedError(RuntimeError):
+  """The processes of a multi-host run could not find each other."""
 
 
 def _generate(args, extra=()) -> int:
@@ -92,19 +100,91 @@ def _gin_run(args, extra) -> int:
           "interpret": "interpret"}[args.command]
   passed = {"model_dir": args.model_dir} if args.command == "interpret" else {}
   _check_required_bound(name, configurables[name], passed)
+  watch = _initialize_distributed(args) if args.command in MULTI_HOST_COMMANDS else None
+  try:
+    status = _run_configurable(args, configurables[name], passed)
+  except BaseException as error:
+    from softprompt_jax.preemption import Preempted
+    if watch is not None and isinstance(error, Preempted):
+      watch.done()  # every process stops alike at a preemption: nothing to tell the others
+    elif watch is not None:
+      watch.failed(_short(error))
+    raise
+  if watch is not None:
+    watch.done()
+  return status
+
+
+def _short(error: BaseException) -> str:
+  """`one_line`, or the type's name for an exception it cannot read (a C++ runtime error)."""
+  try:
+    return one_line(error)
+  except Exception:
+    return type(error).__name__
+
+
+def _run_configurable(args, configurable, passed: dict) -> int:
   if args.command == "interpret":
-    configurables[name](**passed)
+    configurable(**passed)
     print(f"wrote {pathlib.Path(args.model_dir) / 'interpretation.json'}")
     return 0
   if args.command == "train":
     run_dir = args.model_dir or _bound_value("train.model_dir")
     if not run_dir:
       raise UsageError("give --model_dir (the run directory, where checkpoints and logs go)")
-    return _train(pathlib.Path(run_dir), configurables[name])
-  result = configurables[name]()
-  if args.command == "infer":
+    return _train(pathlib.Path(run_dir), configurable)
+  result = configurable()
+  if args.command == "infer" and _is_primary():
     print(f"wrote {result} predictions")
   return 0
+
+
+def _initialize_distributed(args):
+  """Joins the other processes of a multi-host run, when the flags or the environment (or a TPU
+  pod) say there are others, and watches them (a `peers.PeerWatch`; None for one process). A
+  wrong setting is one line, not a traceback."""
+  from softprompt_jax import partitioning, peers
+  given = {"--coordinator_address": args.coordinator_address or
+           os.environ.get("JAX_COORDINATOR_ADDRESS"),
+           "--num_processes": args.num_processes if args.num_processes is not None else
+           os.environ.get("JAX_NUM_PROCESSES"),
+           "--process_id": args.process_id if args.process_id is not None else
+           os.environ.get("JAX_PROCESS_ID")}
+  if given["--coordinator_address"] and None in given.values():
+    missing = [flag for flag, value in given.items() if value is None]
+    raise UsageError(f"a multi-process run needs {', '.join(missing)} too (or "
+                     f"{', '.join('JAX_' + f[2:].upper() for f in missing)}) on every process")
+  if not given["--coordinator_address"] and (args.num_processes is not None
+                                             or args.process_id is not None):
+    raise UsageError("--num_processes and --process_id need --coordinator_address (or "
+                     "JAX_COORDINATOR_ADDRESS): the host:port of process 0")
+  if args.peer_timeout_s <= 0:
+    raise UsageError(f"--peer_timeout_s must be positive, got {args.peer_timeout_s}")
+  try:
+    # JAX's own heartbeat check stays as a backstop behind the watch.
+    joined = partitioning.initialize_distributed(
+        args.coordinator_address, args.num_processes, args.process_id,
+        heartbeat_timeout_s=int(args.peer_timeout_s) + 30,
+        initialization_timeout_s=args.initialization_timeout_s)
+  except Exception as e:  # jax raises a runtime error whose first line says which deadline
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DistributedError(f"could not join the run's processes at "
+                           f"{given['--coordinator_address']} ({first}); start every process "
+                           f"with the same coordinator address and --num_processes, each with "
+                           f"its own --process_id") from e
+  import jax
+  if not joined or jax.process_count() == 1:
+    return None
+  print(f"softprompt-jax {args.command}: process {jax.process_index()} of "
+        f"{jax.process_count()} ({jax.local_device_count()} of {jax.device_count()} devices); "
+        f"if a process is lost for {args.peer_timeout_s:g} s the others stop", file=sys.stderr,
+        flush=True)
+  return peers.PeerWatch(args.peer_timeout_s, command=f"softprompt-jax {args.command}")
+
+
+def _is_primary() -> bool:
+  from softprompt_jax.partitioning import is_primary_process
+  return is_primary_process()
 
 
 def _check_required_bound(name: str, fn, passed: dict) -> None:
@@ -136,16 +216,20 @@ def _train(run_dir: pathlib.Path, train) -> int:
   """Records the configuration in the run directory; a run that fails before its first
   checkpoint (a configuration error) leaves the directory as it found it."""
   import gin
+
+  from softprompt_jax.partitioning import is_primary_process
+  primary = is_primary_process()  # only process 0 writes the record
   created = not run_dir.exists()
   config_file = run_dir / "config.gin"
   previous = config_file.read_text() if config_file.is_file() else None
   steps_before = _checkpoint_names(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  config_file.write_text(gin.config_str())
+  if primary:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(gin.config_str())
   try:
     train()
-  except BaseException:
-    if _checkpoint_names(run_dir) == steps_before:  # nothing trained: undo the record
+  except BaseException:  # a preemption has saved a checkpoint: the record stays
+    if primary and _checkpoint_names(run_dir) == steps_before:  # nothing trained: undo
       if previous is None:
         config_file.unlink(missing_ok=True)
       else:
@@ -153,7 +237,8 @@ def _train(run_dir: pathlib.Path, train) -> int:
       if created and not any(run_dir.iterdir()):
         run_dir.rmdir()
     raise
-  (run_dir / "operative_config.gin").write_text(gin.operative_config_str())
+  if primary:
+    (run_dir / "operative_config.gin").write_text(gin.operative_config_str())
   return 0
 
 
@@ -201,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_bindings", action="append", default=[],
                    help="a gin binding, e.g. 'train.num_steps = 100' (also --gin.PARAM=VALUE)")
     p.add_argument("--model_dir", help="the run directory; sets the gin macro MODEL_DIR")
+    if command in MULTI_HOST_COMMANDS:
+      _add_multi_host_flags(p)
     p.set_defaults(run=_gin_run)
   exp = sub.add_parser("export", help="write a run's best (else latest) prompt", parents=[common])
   exp.add_argument("--model_dir", required=True)
@@ -235,13 +322,37 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _add_multi_host_flags(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group(
+      "multi-host", "one process per host, each started with the same command; not needed on "
+      "TPU pods, where JAX finds the other hosts itself")
+  group.add_argument("--coordinator_address", help="host:port of process 0 (also "
+                     "JAX_COORDINATOR_ADDRESS)")
+  group.add_argument("--num_processes", type=int, help="how many processes (also "
+                     "JAX_NUM_PROCESSES)")
+  group.add_argument("--process_id", type=int, help="this process, 0 .. num_processes-1 (also "
+                     "JAX_PROCESS_ID)")
+  group.add_argument("--peer_timeout_s", type=float, default=60,
+                     help="a process silent this long counts as lost: the others stop, naming "
+                     f"it, with exit status {PEER_LOST_STATUS}")
+  group.add_argument("--initialization_timeout_s", type=int, default=300,
+                     help="how long to wait for every process to join")
+
+
 def main(argv=None) -> int:
   """Runs a command; returns its exit status. A configuration or input error (see
   `is_user_error`) prints one line, `softprompt-jax COMMAND: error: MESSAGE`, and returns 2;
-  anything else (a bug) propagates with its traceback."""
+  anything else (a bug) propagates with its traceback. `train` stopped by SIGTERM / SIGINT after
+  saving a checkpoint returns 143 / 130 (128 + the signal, as a shell reports a process the
+  signal ended: not 0, so no supervisor takes the run for complete); a multi-host process that
+  lost another exits with PEER_LOST_STATUS (75). Rerunning the same command resumes both."""
+  from softprompt_jax.preemption import Preempted
   args, extra = build_parser().parse_known_args(argv)
   try:
     return args.run(args, extra)
+  except Preempted as stopped:
+    print(f"softprompt-jax {args.command}: {one_line(stopped)}", file=sys.stderr, flush=True)
+    return stopped.exit_status
   except Exception as error:
     show_traceback = args.traceback or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     if show_traceback or not is_user_error(error):
@@ -253,7 +364,7 @@ def main(argv=None) -> int:
 def is_user_error(error: BaseException) -> bool:
   """Errors whose message says what is wrong with the configuration or the inputs and what to
   do; a traceback would only hide it. (Imported here: the modules are loaded by then.)"""
-  if isinstance(error, UsageError):
+  if isinstance(error, (UsageError, DistributedError)):
     return True
   from softprompt_jax import prompts
   from softprompt_jax.checkpoints.reader import CheckpointError
@@ -262,8 +373,8 @@ def is_user_error(error: BaseException) -> bool:
   from softprompt_jax.gin_setup import unwrap
   from softprompt_jax.pretrained import ChecksumError
   from softprompt_jax.trainer import ConfigError, NumericalError
-  user_errors = (UsageError, ConfigError, NumericalError, DataError, RecordError,
-                 UnknownTaskError, CheckpointError, prompts.PromptShapeError,
+  user_errors = (UsageError, DistributedError, ConfigError, NumericalError, DataError,
+                 RecordError, UnknownTaskError, CheckpointError, prompts.PromptShapeError,
                  prompts.PromptFileError, ChecksumError, FileNotFoundError, NotADirectoryError,
                  IsADirectoryError, PermissionError)
   return isinstance(unwrap(error), user_errors)

@@ -71,11 +71,12 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
   metrics = run_eval(setup, setup.params, split, data_source=data_source, batch_size=batch_size,
                      input_length=input_length, target_length=target_length,
                      max_examples=max_examples, bad_records=bad_records)
-  if model_dir is not None and jax.process_index() == 0:
-    out = pathlib.Path(model_dir) / f"eval_{split}.json"
-    out.write_text(json.dumps({"task": setup.task.name, "split": split, "prompt": str(source),
-                               "metrics": metrics}, indent=2))
-  print(json.dumps(metrics))
+  if jax.process_index() == 0:  # every process evaluated alike; one reports
+    if model_dir is not None:
+      out = pathlib.Path(model_dir) / f"eval_{split}.json"
+      out.write_text(json.dumps({"task": setup.task.name, "split": split, "prompt": str(source),
+                                 "metrics": metrics}, indent=2))
+    print(json.dumps(metrics))
   return metrics
 
 
@@ -85,7 +86,7 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
   """Predictions for a JSONL file whose lines are {"task": name, "inputs": text} or
   {"task": name, "record": {...raw task record...}}; examples of all tasks share batches, each
   with its own prompt from the bank. Writes {"task", "inputs", "prediction"} lines; returns the
-  number written."""
+  number written. Several processes share the batches out; process 0 writes the file."""
   from softprompt_jax.data import get_task
   from softprompt_jax.prompts import PromptShapeError
   names = sorted(prompts)
@@ -105,30 +106,55 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
   config, frozen = load_frozen(model, None, dropout_rate=0.0)
   net = PromptedT5(config, prompt_length=bank.shape[1], num_prompts=len(names))
   params = make_prompted_params(net, frozen, jax.random.PRNGKey(0), bank)
-  out_path = pathlib.Path(output_file)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_path.with_name(out_path.name + ".tmp")
-  with open(tmp, "w") as out:
-    for start in range(0, len(rows), batch_size):
-      chunk = rows[start:start + batch_size]
-      tokens = vocab.encode_batch([r["inputs"] for r in chunk], max_length=input_length)
-      ids = np.array([names.index(r["task"]) for r in chunk], np.int32)
-      pad = batch_size - len(chunk)  # one compiled shape for every batch
-      tokens = np.pad(tokens, ((0, pad), (0, 0)))
-      ids = np.pad(ids, (0, pad))
-      decoded = predict_bank(net, params, chunk, tokens, ids, vocab, target_length)
-      for row, text in zip(chunk, decoded):
+  decoded = _decode_requests(net, params, rows, names, vocab, batch_size, input_length,
+                             target_length)
+  if jax.process_index() == 0:  # every process holds every prediction; one writes them
+    out_path = pathlib.Path(output_file)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "w") as out:
+      for row, text in zip(rows, decoded):
         out.write(json.dumps({"task": row["task"], "inputs": row["inputs"],
                               "prediction": text}) + "\n")
-  tmp.replace(out_path)
+    tmp.replace(out_path)
   return len(rows)
 
 
-def predict_bank(net, params, chunk, tokens, ids, vocab, target_length) -> list[str]:
-  """Greedy decoding of a mixed-task batch (one compiled program whatever the task mix)."""
+def _decode_requests(net, params, rows, names, vocab, batch_size, input_length,
+                     target_length) -> list[str]:
+  """Predictions for all `rows`. With several processes each decodes every process_count-th
+  batch on its own devices, and the token ids are gathered (one exchange per round)."""
+  from jax.experimental import multihost_utils
+  rank, world = jax.process_index(), jax.process_count()
+  starts = list(range(0, len(rows), batch_size))
+  texts = []
+  for first in range(0, len(starts), world):
+    round_starts = starts[first:first + world]
+    ids_BxL = np.zeros((batch_size, target_length), np.int32)  # a process with no batch
+    if rank < len(round_starts):
+      chunk = rows[round_starts[rank]:round_starts[rank] + batch_size]
+      ids_BxL = _decode_chunk(net, params, chunk, names, vocab, batch_size, input_length,
+                              target_length)
+    gathered = (ids_BxL[None] if world == 1 else
+                np.asarray(multihost_utils.process_allgather(ids_BxL)))  # [world, B, L]
+    for start, batch_ids in zip(round_starts, gathered):
+      count = len(rows[start:start + batch_size])
+      texts += [vocab.decode(row) for row in batch_ids[:count]]
+  return texts
+
+
+def _decode_chunk(net, params, chunk, names, vocab, batch_size, input_length,
+                  target_length) -> np.ndarray:
+  """Greedy token ids [batch_size, target_length] of up to batch_size requests (padded to one
+  compiled shape whatever the task mix)."""
   from softprompt_jax import decoding
-  decoded = np.asarray(decoding.greedy_decode(net, params, tokens, target_length, prompt_ids=ids))
-  return [vocab.decode(row) for row in decoded[:len(chunk)]]
+  tokens = vocab.encode_batch([r["inputs"] for r in chunk], max_length=input_length)
+  ids = np.array([names.index(r["task"]) for r in chunk], np.int32)
+  pad = batch_size - len(chunk)
+  tokens = np.pad(tokens, ((0, pad), (0, 0)))
+  ids = np.pad(ids, (0, pad))
+  out = np.asarray(decoding.greedy_decode(net, params, tokens, target_length, prompt_ids=ids))
+  return np.pad(out, ((0, 0), (0, target_length - out.shape[1]))).astype(np.int32)
 
 
 def _read_requests(path: pathlib.Path, names, get_task) -> list[dict]:

@@ -262,16 +262,26 @@ def _lower(fn, partitioner, *args):
     return fn.lower(*args)
 
 
+# How long JAX's coordination service waits for a silent process before it declares it dead and
+# aborts the others (JAX's default is 100 s; collectives on CPU wait for a dead peer forever).
+# The commands also run a `peers.PeerWatch`, which stops them sooner and names the lost process.
+HEARTBEAT_TIMEOUT_S = 60
+
+
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None,
                            local_device_ids: Optional[Sequence[int]] = None,
-                           cpu_collectives: str = "gloo") -> bool:
+                           cpu_collectives: str = "gloo",
+                           heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+                           initialization_timeout_s: int = 300) -> bool:
   """`jax.distributed.initialize` from arguments or the environment; returns whether it ran.
 
-  On TPU pods (and SLURM/MPI clusters JAX detects) no argument is needed. For GPU or CPU
-  clusters give the coordinator explicitly, or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
-  and JAX_PROCESS_ID. CPU processes talk through gloo collectives.
+  On TPU pods no argument is needed (JAX finds the other hosts). For GPU or CPU clusters
+  give the coordinator explicitly, or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID. CPU processes talk through gloo collectives. Must run before anything
+  asks JAX for its devices. JAX's preemption service is turned off: it would swallow SIGTERM
+  in every command, and `train` agrees on a stop step itself (see `preemption`).
   """
   env = os.environ
   coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
@@ -282,11 +292,16 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   on_tpu_pod = bool(env.get("TPU_WORKER_HOSTNAMES") or env.get("MEGASCALE_COORDINATOR_ADDRESS"))
   if coordinator_address is None and not on_tpu_pod:
     return False  # one process: nothing to initialise
+  if jax.distributed.is_initialized():
+    return True
   if cpu_collectives and jax.config.jax_platforms in (None, "", "cpu"):
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  jax.config.update("jax_enable_preemption_service", False)
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id,
-                             local_device_ids=local_device_ids)
+                             local_device_ids=local_device_ids,
+                             heartbeat_timeout_seconds=heartbeat_timeout_s,
+                             initialization_timeout=initialization_timeout_s)
   return True
 
 

@@ -3,7 +3,9 @@
 The path of a run: validate the configuration (before anything expensive) -> mesh -> frozen T5
 loaded into its shards -> PromptedT5 + prompt init from the real embedding -> masked optimizer ->
 resume from the latest good checkpoint -> loop (sharded train step, periodic eval, prompt-only
-checkpoints, logs on process 0) -> best prompt exported, summary, curves.
+checkpoints, logs on process 0; on SIGTERM a checkpoint and `Preempted`) -> best prompt exported,
+summary, curves. Every process runs all of it (checkpoints are saved and restored collectively);
+only process 0 writes files other than checkpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from softprompt_jax import decoding, optim, partitioning, prompts
+from softprompt_jax import decoding, optim, partitioning, preemption, prompts
 from softprompt_jax import train_step as ts
 from softprompt_jax.checkpoints.state import PromptCheckpoints, abstract_like, fingerprint
 from softprompt_jax.model_spec import ModelSpec, load_frozen
@@ -268,8 +270,10 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
           bad_records: str = "error") -> dict:
   """Prompt tuning (or, with trainable='.*', model tuning); resumes when run again.
 
-  `stop_after_steps` ends this invocation early (as a preemption would), leaving checkpoints to
-  resume from; tests use it.
+  SIGTERM or SIGINT (an eviction notice, Ctrl-C) finishes the current step, saves a checkpoint
+  there (at the same step in every process) and raises `preemption.Preempted`; running again
+  resumes from it. `stop_after_steps` ends this invocation early without a checkpoint of its
+  own, leaving the periodic ones to resume from; tests use it.
   """
   from softprompt_jax.data import pipeline
   from softprompt_jax.run_log import RunLog, plot_curves, write_summary
@@ -328,51 +332,70 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   unchecked = []  # (step, metrics) since the last check
   last_eval = None
   pending_tokens = 0
+  preempted = None
   try:
-    while step < num_steps:
-      local = next(batches)
-      global_batch = setup.partitioner.shard_batch(local, batch_size)
-      state, metrics = train_step(state, frozen, global_batch, rng)
-      step += 1
-      unchecked.append((step, metrics))
-      pending_tokens += int(np.sum(local["encoder_input_tokens"] > 0)
-                            + np.sum(local["decoder_target_tokens"] > 0)) * \
-          jax.process_count()
-      if step % log_every == 0 or step == num_steps or step % eval_every == 0:
-        _check_finite(unchecked)
-        values = {k: float(v) for k, v in metrics.items() if k != ts.FINITE_TRAINABLE}
-        log.log_train(step, values, pending_tokens)
-        pending_tokens = 0
-      if step % eval_every == 0 or step == num_steps:
-        params = optim.merge(state.trainable, frozen)
-        last_eval = run_eval(setup, params, eval_split, data_source=data_source,
-                             batch_size=batch_size, input_length=input_length,
-                             target_length=target_length, max_examples=eval_max_examples,
-                             bad_records=bad_records)
-        log.log_eval(step, last_eval, eval_split)
-        checkpoints.save(step, state, batches.state(), meta, last_eval)
-      if stop_after_steps is not None and step - start_step >= stop_after_steps:
-        break
+    with preemption.StopSignals() as signals:
+      while step < num_steps:
+        local = next(batches)
+        global_batch = setup.partitioner.shard_batch(local, batch_size)
+        state, metrics = train_step(state, frozen, global_batch, rng)
+        step += 1
+        unchecked.append((step, metrics))
+        pending_tokens += int(np.sum(local["encoder_input_tokens"] > 0)
+                              + np.sum(local["decoder_target_tokens"] > 0)) * \
+            jax.process_count()
+        if step % log_every == 0 or step == num_steps or step % eval_every == 0:
+          _check_finite(unchecked)
+          values = {k: float(v) for k, v in metrics.items() if k != ts.FINITE_TRAINABLE}
+          log.log_train(step, values, pending_tokens)
+          pending_tokens = 0
+        saved = False
+        if step % eval_every == 0 or step == num_steps:
+          params = optim.merge(state.trainable, frozen)
+          last_eval = run_eval(setup, params, eval_split, data_source=data_source,
+                               batch_size=batch_size, input_length=input_length,
+                               target_length=target_length, max_examples=eval_max_examples,
+                               bad_records=bad_records)
+          log.log_eval(step, last_eval, eval_split)
+          checkpoints.save(step, state, batches.state(), meta, last_eval)
+          saved = True
+        if step < num_steps and signals.should_stop():  # every process answers alike
+          if not saved:
+            _check_finite(unchecked)
+            checkpoints.save(step, state, batches.state(), meta)
+          preempted = preemption.Preempted(step, signals.stop_signal,
+                                           checkpoints.directory / str(step))
+          break
+        if stop_after_steps is not None and step - start_step >= stop_after_steps:
+          break
   finally:
     log.close()
+  if preempted is not None:
+    checkpoints.close()
+    raise preempted
 
   summary = {"steps": step, "wall_time_s": time.time() - start_time,
              "best_metric": best_metric, "model_dir": str(model_dir),
              "data": dataclasses.asdict(batches.stats)}
-  if step >= num_steps and primary:
+  if step >= num_steps:
+    # Every process takes part in restoring (orbax restores sharded arrays collectively);
+    # only process 0 writes.
     best = checkpoints.best_step() or checkpoints.latest_step()
     summary["best_step"] = best
+    best_prompt = None
     if best is not None:
       best_meta = checkpoints.restore_meta(best)
       summary["best_value"] = (best_meta.get("metrics") or {}).get(best_metric)
       if prompt_length:
         best_state, _, _ = checkpoints.restore(best, abstract_like(state))
-        prompts.save_npy(model_dir / PROMPT_FILE,
-                         np.asarray(best_state.trainable["prompt"]["prompt"]))
+        best_prompt = np.asarray(best_state.trainable["prompt"]["prompt"])
     summary["final_eval"] = last_eval
     summary["final_loss"] = float(metrics["loss"]) if step > start_step else None
-    write_summary(model_dir, summary)
-    plot_curves(model_dir)
+    if primary:
+      if best_prompt is not None:
+        prompts.save_npy(model_dir / PROMPT_FILE, best_prompt)
+      write_summary(model_dir, summary)
+      plot_curves(model_dir)
   checkpoints.close()
   return summary
 

@@ -120,8 +120,12 @@ class PromptCheckpoints:
   def set_aside(self, step: int, reason: str) -> pathlib.Path:
     """Moves a damaged step out of the way (kept for inspection) and warns with the reason."""
     target = self.directory / f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # With several processes: all have looked at the step before process 0 moves it, and none
+    # lists the steps again before it has.
+    ocp.multihost.sync_global_processes(f"softprompt_jax_set_aside_{step}_checked")
     if jax.process_index() == 0:
       os.replace(self.directory / str(step), target)
+    ocp.multihost.sync_global_processes(f"softprompt_jax_set_aside_{step}_moved")
     warnings.warn(f"checkpoint {self.directory / str(step)} is damaged ({reason}); moved to "
                   f"{target.name}, using the previous checkpoint", stacklevel=2)
     self._manager.reload()

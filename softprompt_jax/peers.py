@@ -1,0 +1,134 @@
+"""Watching the other processes of a multi-host run, so that one lost process stops them all.
+
+A process that dies mid-run leaves the others waiting in a collective that never completes (gloo
+on CPU does not notice a dead peer; JAX's coordination service notices a silent one after its
+heartbeat timeout and aborts the rest with a C++ stack trace). `PeerWatch` makes that end short
+and legible: a thread in every process meets the others at a coordination-service barrier every
+second; when a process misses it for `timeout_s`, the rest print one line naming it and exit
+with `PEER_LOST_STATUS`. A process that fails with an error tells the others at once through the
+service's key-value store, and one that finishes says so, so that neither counts as lost.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+from typing import Optional
+
+# EX_TEMPFAIL (sysexits.h): a temporary failure; rerunning every process resumes the run.
+PEER_LOST_STATUS = 75
+_BARRIER = "softprompt_jax/alive"
+_FAILED = "softprompt_jax/failed/"
+_DONE = "softprompt_jax/done/"
+
+
+def _client():
+  from jax._src import distributed  # the client jax.distributed.initialize made
+  return distributed.global_state.client
+
+
+class PeerWatch:
+  """Started after `jax.distributed.initialize`; `done()` or `failed(message)` when the command
+  ends in this process (before JAX shuts down)."""
+
+  def __init__(self, timeout_s: float, command: str = "softprompt-jax", interval_s: float = 1.0):
+    import jax
+    self.timeout_s, self.command, self.interval_s = timeout_s, command, interval_s
+    self.process, self.count = jax.process_index(), jax.process_count()
+    self._client = _client()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
+    self._thread.start()
+
+  def done(self) -> None:
+    self._finish(_DONE, "")
+
+  def failed(self, message: str) -> None:
+    """Tells the other processes (they stop at once, quoting `message`)."""
+    self._finish(_FAILED, message or "an error")
+
+  def _finish(self, prefix: str, value: str) -> None:
+    if self._stop.is_set():
+      return
+    self._stop.set()
+    try:
+      self._client.key_value_set(f"{prefix}{self.process}", value, allow_overwrite=True)
+    except Exception:  # the service is gone: the others learn of it from JAX itself
+      pass
+
+  def _watch(self) -> None:
+    while not self._stop.is_set():
+      failure = self._failure()
+      if failure:
+        self._exit(failure)
+      try:
+        self._client.wait_at_barrier(_BARRIER, int(self.timeout_s * 1000))
+      except Exception as error:  # a timeout names the late processes; else no coordinator
+        if self._stop.is_set():
+          return
+        failure = self._failure()
+        if failure:
+          self._exit(failure)
+        text = str(error)
+        if "timed out" not in text.lower():
+          self._exit(self._lost_message([], text))
+        others = [p for p in range(self.count) if p != self.process]
+        missing = [p for p in _timed_out(text) or others if not self._finished(p)]
+        if not missing:
+          return  # the others have finished; nothing left to watch for
+        self._exit(self._lost_message(missing, text))
+      self._stop.wait(self.interval_s)
+
+  def _failure(self) -> Optional[str]:
+    try:
+      failed = self._client.key_value_dir_get(_FAILED)
+    except Exception:
+      return None
+    for key, message in sorted(failed):
+      process = int(key.rsplit("/", 1)[-1])
+      if process != self.process:
+        return (f"process {process} of {self.count} stopped with an error ({message}); "
+                f"stopping process {self.process} too")
+    return None
+
+  def _finished(self, process: int) -> bool:
+    try:
+      self._client.key_value_try_get(f"{_DONE}{process}")
+      return True
+    except Exception:
+      return False
+
+  def _lost_message(self, missing: list[int], error: str) -> str:
+    restart = (f"restart all {self.count} processes with the same command to resume from the "
+               "last checkpoint")
+    if missing:
+      names = ", ".join(str(p) for p in missing)
+      return (f"lost process {names} of {self.count}: no sign of life for {self.timeout_s:g} s "
+              f"(killed, crashed or hung: see its log); stopping process {self.process}; "
+              f"{restart}")
+    first = error.strip().splitlines()[0] if error.strip() else "no answer"
+    return (f"lost the coordinator (process 0) of the run ({first}); stopping process "
+            f"{self.process}; {restart}")
+
+  def _exit(self, message: str) -> None:
+    """Ends this process now: its main thread may be waiting on a collective forever."""
+    print(f"{self.command}: error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(PEER_LOST_STATUS)
+
+
+def _timed_out(message: str) -> list[int]:
+  """The process ids a coordination-service barrier timeout lists ("Some timed out task names:"
+  then one id or task name a line)."""
+  if "timed out" not in message.lower():
+    return []
+  tail = message.split("timed out task names:", 1)[-1] if "task names:" in message else ""
+  ids = []
+  for line in tail.strip().splitlines():
+    match = re.fullmatch(r"\s*(?:/job:\w+/replica:\d+/task:)?(\d+)\s*", line)
+    if not match:
+      break
+    ids.append(int(match.group(1)))
+  return ids
