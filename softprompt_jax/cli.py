@@ -9,6 +9,7 @@ import pathlib
 import sys
 import tempfile
 import time
+import traceback
 
 from softprompt_jax.peers import PEER_LOST_STATUS
 
@@ -108,19 +109,16 @@ def _gin_run(args, extra) -> int:
     if watch is not None and isinstance(error, Preempted):
       watch.done()  # every process stops alike at a preemption: nothing to tell the others
     elif watch is not None:
-      watch.failed(_short(error))
+      watch.failed(one_line(error))
+      if isinstance(error, Exception):
+        # JAX's exit would wait for the other processes (or abort once process 0 has gone),
+        # and they are stopping: report the error as `main` does and end here.
+        sys.stderr.flush()
+        os._exit(_report(args, error))
     raise
   if watch is not None:
     watch.done()
   return status
-
-
-def _short(error: BaseException) -> str:
-  """`one_line`, or the type's name for an exception it cannot read (a C++ runtime error)."""
-  try:
-    return one_line(error)
-  except Exception:
-    return type(error).__name__
 
 
 def _run_configurable(args, configurable, passed: dict) -> int:
@@ -354,11 +352,22 @@ def main(argv=None) -> int:
     print(f"softprompt-jax {args.command}: {one_line(stopped)}", file=sys.stderr, flush=True)
     return stopped.exit_status
   except Exception as error:
-    show_traceback = args.traceback or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
-    if show_traceback or not is_user_error(error):
+    if _show_traceback(args) or not is_user_error(error):
       raise
-    print(f"softprompt-jax {args.command}: error: {one_line(error)}", file=sys.stderr)
-    return USAGE_STATUS
+    return _report(args, error)
+
+
+def _show_traceback(args) -> bool:
+  return args.traceback or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def _report(args, error: Exception) -> int:
+  """Prints `error` as `main` does (one line, or its traceback) and returns the exit status."""
+  if _show_traceback(args) or not is_user_error(error):
+    traceback.print_exception(error)
+    return 1
+  print(f"softprompt-jax {args.command}: error: {one_line(error)}", file=sys.stderr, flush=True)
+  return USAGE_STATUS
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -370,21 +379,29 @@ def is_user_error(error: BaseException) -> bool:
   from softprompt_jax.checkpoints.reader import CheckpointError
   from softprompt_jax.data.readers import DataError
   from softprompt_jax.data.tasks import RecordError, UnknownTaskError
-  from softprompt_jax.gin_setup import unwrap
   from softprompt_jax.pretrained import ChecksumError
   from softprompt_jax.trainer import ConfigError, NumericalError
   user_errors = (UsageError, DistributedError, ConfigError, NumericalError, DataError,
                  RecordError, UnknownTaskError, CheckpointError, prompts.PromptShapeError,
                  prompts.PromptFileError, ChecksumError, FileNotFoundError, NotADirectoryError,
                  IsADirectoryError, PermissionError)
-  return isinstance(unwrap(error), user_errors)
+  return isinstance(_unwrap(error), user_errors)
+
+
+def _unwrap(error: BaseException) -> BaseException:
+  """`gin_setup.unwrap`, or `error` itself for the exception types (jaxlib's, whose __init__ has
+  no __qualname__) it cannot inspect."""
+  from softprompt_jax.gin_setup import unwrap
+  try:
+    return unwrap(error)
+  except TypeError:
+    return error
 
 
 def one_line(error: BaseException, max_parts: int = 12) -> str:
   """The error's message on one line: gin's appended call location dropped, the lines of a
   multi-line message (a checkpoint mismatch lists one array a line) joined with '; '."""
-  from softprompt_jax.gin_setup import unwrap
-  lines = [line.strip() for line in str(unwrap(error)).splitlines() if line.strip()]
+  lines = [line.strip() for line in str(_unwrap(error)).splitlines() if line.strip()]
   if not lines:
     return type(error).__name__
   if len(lines) > max_parts:

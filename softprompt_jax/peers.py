@@ -5,8 +5,9 @@ on CPU does not notice a dead peer; JAX's coordination service notices a silent 
 heartbeat timeout and aborts the rest with a C++ stack trace). `PeerWatch` makes that end short
 and legible: a thread in every process meets the others at a coordination-service barrier every
 second; when a process misses it for `timeout_s`, the rest print one line naming it and exit
-with `PEER_LOST_STATUS`. A process that fails with an error tells the others at once through the
-service's key-value store, and one that finishes says so, so that neither counts as lost.
+with `PEER_LOST_STATUS`. A process that fails with an error tells the others through the
+service's key-value store (they stop within about a second, quoting it), and one that finishes
+says so, so that neither counts as lost.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import Optional
 
 # EX_TEMPFAIL (sysexits.h): a temporary failure; rerunning every process resumes the run.
@@ -39,34 +41,40 @@ class PeerWatch:
     self.process, self.count = jax.process_index(), jax.process_count()
     self._client = _client()
     self._stop = threading.Event()
+    self._ended = False  # this process has said done or failed
+    self._linger_until = float("inf")
     self._thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
     self._thread.start()
 
   def done(self) -> None:
-    self._finish(_DONE, "")
+    if not self._ended:
+      self._ended = True
+      self._set(_DONE, "")
+      self._stop.set()
 
   def failed(self, message: str) -> None:
-    """Tells the other processes (they stop at once, quoting `message`)."""
-    self._finish(_FAILED, message or "an error")
+    """Tells the other processes, which stop quoting `message`. This process keeps meeting them
+    at the barrier a few rounds more, so that they get past it and read the message."""
+    if not self._ended:
+      self._ended = True
+      self._set(_FAILED, message or "an error")
+      self._linger_until = time.monotonic() + 3 * self.interval_s
 
-  def _finish(self, prefix: str, value: str) -> None:
-    if self._stop.is_set():
-      return
-    self._stop.set()
+  def _set(self, prefix: str, value: str) -> None:
     try:
       self._client.key_value_set(f"{prefix}{self.process}", value, allow_overwrite=True)
     except Exception:  # the service is gone: the others learn of it from JAX itself
       pass
 
   def _watch(self) -> None:
-    while not self._stop.is_set():
+    while not self._stop.is_set() and time.monotonic() < self._linger_until:
       failure = self._failure()
       if failure:
         self._exit(failure)
       try:
         self._client.wait_at_barrier(_BARRIER, int(self.timeout_s * 1000))
       except Exception as error:  # a timeout names the late processes; else no coordinator
-        if self._stop.is_set():
+        if self._ended:
           return
         failure = self._failure()
         if failure:

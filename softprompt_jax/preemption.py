@@ -51,7 +51,7 @@ class StopSignals:
     self._agreed: Optional[int] = None  # the signal every process stops for
     self._previous = {}
     self._pending = None  # the device max dispatched after the previous step
-    self._combine = None
+    self._combine = self._sharding = None
 
   def __enter__(self) -> "StopSignals":
     if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
@@ -100,7 +100,8 @@ class StopSignals:
 
   def _dispatch(self, value: int):
     if self._combine is None:
-      mesh = Mesh(np.array(jax.devices()), ("processes",))
+      by_process = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+      mesh = Mesh(np.array(by_process), ("processes",))  # each process's flags contiguous
       self._sharding = NamedSharding(mesh, PartitionSpec("processes"))
       self._combine = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
     local = np.full((jax.local_device_count(),), value, np.int32)

@@ -1,7 +1,8 @@
 """One process of the PeerWatch tests (tests/test_cli_multihost.py); no model, only the watch.
 
 Run as: python peer_watch_worker.py PROCESS_ID PORT SCENARIO
-  fail: process 1 reports an error and lingers; process 0 must be stopped by its watch.
+  fail: process 1 reports an error and lingers; process 0 must be stopped by its watch, long
+    before the watch's timeout.
   done: process 1 finishes at once; process 0 finishes after several watch timeouts, unharmed.
 """
 
@@ -9,7 +10,7 @@ import os
 import sys
 import time
 
-TIMEOUT_S = 1.0
+TIMEOUT_S = {"fail": 60.0, "done": 1.0}
 
 
 def main(process_id: int, port: int, scenario: str):
@@ -17,13 +18,15 @@ def main(process_id: int, port: int, scenario: str):
   os.environ["JAX_PLATFORMS"] = "cpu"
   from softprompt_jax import partitioning, peers
   assert partitioning.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
-  watch = peers.PeerWatch(TIMEOUT_S, command="worker")
+  timeout_s = TIMEOUT_S[scenario]
+  watch = peers.PeerWatch(timeout_s, command="worker")
   if scenario == "fail":
     if process_id == 1:
+      time.sleep(1.5)  # while process 0's watch waits at the barrier
       watch.failed("disk full")
-    time.sleep(10 * TIMEOUT_S)  # process 0 never gets past this: its watch ends it
+    time.sleep(timeout_s)  # process 0 never gets past this: its watch ends it
   elif process_id == 0:
-    time.sleep(3 * TIMEOUT_S)
+    time.sleep(3 * timeout_s)
   watch.done()
   print(f"process {process_id} finished", flush=True)
 
