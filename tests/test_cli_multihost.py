@@ -302,3 +302,15 @@ def test_two_processes_share_infer_batches_and_write_what_one_process_writes(tmp
   assert [p.returncode for p in procs] == [0, 0], outputs
   assert "wrote 5 predictions" in outputs[0] and "wrote" not in outputs[1]
   assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+
+
+def test_an_unreachable_coordinator_is_a_one_line_error(tmp_path, capsys):
+  address = f"127.0.0.1:{_free_port()}"  # nobody listens there
+  status = main(["train", *SMOKE, "--model_dir", str(tmp_path / "never"), "--coordinator_address",
+                 address, "--num_processes", "2", "--process_id", "1",
+                 "--initialization_timeout_s", "1"])
+  assert status == 2
+  error = capsys.readouterr().err.strip().splitlines()
+  assert error[-1].startswith(f"softprompt-jax train: error: could not reach the coordinator at "
+                              f"{address} within 1 s"), error
+  assert not (tmp_path / "never").exists()
