@@ -412,29 +412,21 @@ def is_user_error(error: BaseException) -> bool:
   from softprompt_jax.checkpoints.reader import CheckpointError
   from softprompt_jax.data.readers import DataError
   from softprompt_jax.data.tasks import RecordError, UnknownTaskError
+  from softprompt_jax.gin_setup import unwrap
   from softprompt_jax.pretrained import ChecksumError
   from softprompt_jax.trainer import ConfigError, NumericalError
   user_errors = (UsageError, DistributedError, ConfigError, NumericalError, DataError,
                  RecordError, UnknownTaskError, CheckpointError, prompts.PromptShapeError,
                  prompts.PromptFileError, ChecksumError, FileNotFoundError, NotADirectoryError,
                  IsADirectoryError, PermissionError)
-  return isinstance(_unwrap(error), user_errors)
-
-
-def _unwrap(error: BaseException) -> BaseException:
-  """`gin_setup.unwrap`, or `error` itself for the exception types (jaxlib's, whose __init__ has
-  no __qualname__) it cannot inspect."""
-  from softprompt_jax.gin_setup import unwrap
-  try:
-    return unwrap(error)
-  except TypeError:
-    return error
+  return isinstance(unwrap(error), user_errors)
 
 
 def one_line(error: BaseException, max_parts: int = 12) -> str:
   """The error's message on one line: gin's appended call location dropped, the lines of a
   multi-line message (a checkpoint mismatch lists one array a line) joined with '; '."""
-  lines = [line.strip() for line in str(_unwrap(error)).splitlines() if line.strip()]
+  from softprompt_jax.gin_setup import unwrap
+  lines = [line.strip() for line in str(unwrap(error)).splitlines() if line.strip()]
   if not lines:
     return type(error).__name__
   if len(lines) > max_parts:

@@ -85,7 +85,9 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str | No
 def unwrap(error: BaseException) -> BaseException:
   """The exception gin re-raised with its call location appended to the message (gin wraps it
   in a proxy class whose __context__ is the original)."""
-  while ("augment_exception_message_and_reraise" in type(error).__init__.__qualname__
+  # jaxlib's exception types have an __init__ without a __qualname__.
+  while ("augment_exception_message_and_reraise"
+         in (getattr(type(error).__init__, "__qualname__", None) or "")
          and error.__context__ is not None):
     error = error.__context__
   return error
