@@ -11,7 +11,7 @@ import tempfile
 import time
 import traceback
 
-from softprompt_jax.peers import PEER_LOST_STATUS
+from softprompt_jax.multihost import PEER_LOST_STATUS, DistributedError
 
 TRACEBACK_ENV = "SOFTPROMPT_JAX_TRACEBACK"
 # Exit status of a run stopped by a configuration or input error (argparse's usage status).
@@ -22,10 +22,6 @@ MULTI_HOST_COMMANDS = ("train", "eval", "infer")
 
 class UsageError(ValueError):
   """A command line that cannot work (an unknown argument, a missing option)."""
-
-
-class DistributedError(RuntimeError):
-  """The processes of a multi-host run could not find each other."""
 
 
 def _generate(args, extra=()) -> int:
@@ -138,79 +134,12 @@ def _run_configurable(args, configurable, passed: dict) -> int:
 
 
 def _initialize_distributed(args):
-  """Joins the other processes of a multi-host run, when the flags or the environment (or a TPU
-  pod) say there are others, and watches them (a `peers.PeerWatch`; None for one process). A
-  wrong setting is one line, not a traceback."""
-  from softprompt_jax import partitioning, peers
-  address = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  num_processes = _int_setting(args.num_processes, "--num_processes", "JAX_NUM_PROCESSES")
-  process_id = _int_setting(args.process_id, "--process_id", "JAX_PROCESS_ID")
-  if address and None in (num_processes, process_id):
-    missing = [name for name, value in [("--num_processes (JAX_NUM_PROCESSES)", num_processes),
-                                        ("--process_id (JAX_PROCESS_ID)", process_id)]
-               if value is None]
-    raise UsageError(f"a multi-process run needs {' and '.join(missing)} too, on every process")
-  if not address and (num_processes is not None or process_id is not None):
-    raise UsageError("--num_processes and --process_id need --coordinator_address (or "
-                     "JAX_COORDINATOR_ADDRESS): the host:port of process 0")
-  if args.peer_timeout_s <= 0:
-    raise UsageError(f"--peer_timeout_s must be positive, got {args.peer_timeout_s}")
-  if address:  # JAX aborts with a bare DEADLINE_EXCEEDED when the others never come
-    print(f"softprompt-jax {args.command}: joining {num_processes} processes at {address} as "
-          f"process {process_id} (waiting up to {args.initialization_timeout_s} s for the "
-          "others)", file=sys.stderr, flush=True)
-    if process_id != 0:
-      _wait_for_coordinator(address, args.initialization_timeout_s)
-  try:
-    # JAX's own heartbeat check stays as a backstop behind the watch.
-    joined = partitioning.initialize_distributed(
-        address, num_processes, process_id, heartbeat_timeout_s=int(args.peer_timeout_s) + 30,
-        initialization_timeout_s=args.initialization_timeout_s)
-  except Exception as e:  # e.g. a process id out of range
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise DistributedError(f"could not join the run's processes at {address} ({first}); start "
-                           "every process with the same coordinator address and "
-                           "--num_processes, each with its own --process_id") from e
-  import jax
-  if not joined or jax.process_count() == 1:
-    return None
-  print(f"softprompt-jax {args.command}: process {jax.process_index()} of "
-        f"{jax.process_count()} ({jax.local_device_count()} of {jax.device_count()} devices); "
-        f"if a process is lost for {args.peer_timeout_s:g} s the others stop", file=sys.stderr,
-        flush=True)
-  return peers.PeerWatch(args.peer_timeout_s, command=f"softprompt-jax {args.command}")
-
-
-def _int_setting(flag_value, flag: str, variable: str):
-  """A flag's value, else the environment variable's (as int), else None."""
-  if flag_value is not None:
-    return flag_value
-  text = os.environ.get(variable)
-  if not text:
-    return None
-  try:
-    return int(text)
-  except ValueError:
-    raise UsageError(f"{variable}={text!r} is not a whole number ({flag})") from None
-
-
-def _wait_for_coordinator(address: str, timeout_s: float) -> None:
-  """Returns once process 0's coordinator accepts connections; a DistributedError after
-  `timeout_s` (JAX's own wait would end in an abort without saying what it waited for)."""
-  import socket
-  host, _, port = address.rpartition(":")
-  deadline = time.monotonic() + timeout_s
-  while True:
-    try:
-      socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
-      return
-    except (OSError, ValueError) as e:
-      if isinstance(e, ValueError) or time.monotonic() >= deadline:
-        raise DistributedError(
-            f"could not reach the coordinator at {address} within {timeout_s:g} s ({e}); start "
-            "process 0 with the same --coordinator_address (it serves it), and check the host "
-            "and port") from None
-      time.sleep(0.5)
+  """`multihost.join` with this command's flags (the environment fills what they leave out)."""
+  from softprompt_jax import multihost
+  return multihost.join(
+      f"softprompt-jax {args.command}", coordinator_address=args.coordinator_address,
+      num_processes=args.num_processes, process_id=args.process_id,
+      peer_timeout_s=args.peer_timeout_s, initialization_timeout_s=args.initialization_timeout_s)
 
 
 def _is_primary() -> bool:

@@ -264,7 +264,7 @@ def _lower(fn, partitioner, *args):
 
 # How long JAX's coordination service waits for a silent process before it declares it dead and
 # aborts the others (JAX's default is 100 s; collectives on CPU wait for a dead peer forever).
-# The commands also run a `peers.PeerWatch`, which stops them sooner and names the lost process.
+# The commands also run a `multihost.PeerWatch`, which stops them sooner and names the lost process.
 HEARTBEAT_TIMEOUT_S = 60
 
 

@@ -16,10 +16,10 @@ TIMEOUT_S = {"fail": 60.0, "done": 1.0}
 def main(process_id: int, port: int, scenario: str):
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from softprompt_jax import partitioning, peers
+  from softprompt_jax import multihost, partitioning
   assert partitioning.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
   timeout_s = TIMEOUT_S[scenario]
-  watch = peers.PeerWatch(timeout_s, command="worker")
+  watch = multihost.PeerWatch(timeout_s, command="worker")
   if scenario == "fail":
     if process_id == 1:
       time.sleep(1.5)  # while process 0's watch waits at the barrier

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from softprompt_jax.cli import main
-from softprompt_jax.peers import PEER_LOST_STATUS, _timed_out
+from softprompt_jax.multihost import PEER_LOST_STATUS, _timed_out
 from softprompt_jax.preemption import Preempted, StopSignals
 
 TESTS = pathlib.Path(__file__).resolve().parent

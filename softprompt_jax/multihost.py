@@ -1,4 +1,5 @@
-"""Watching the other processes of a multi-host run, so that one lost process stops them all.
+"""The processes of a multi-host run: joining them (`join`) and watching them (`PeerWatch`), so
+that a wrong setting is one line and one lost process stops them all.
 
 A process that dies mid-run leaves the others waiting in a collective that never completes (gloo
 on CPU does not notice a dead peer; JAX's coordination service notices a silent one after its
@@ -24,6 +25,89 @@ PEER_LOST_STATUS = 75
 _BARRIER = "softprompt_jax/alive"
 _FAILED = "softprompt_jax/failed/"
 _DONE = "softprompt_jax/done/"
+
+
+class DistributedError(RuntimeError):
+  """The processes of a multi-host run could not find each other, or were told inconsistently
+  how to (a user error: one line, exit status 2)."""
+
+
+def join(command: str, *, coordinator_address: Optional[str] = None,
+         num_processes: Optional[int] = None, process_id: Optional[int] = None,
+         peer_timeout_s: float = 60, initialization_timeout_s: int = 300):
+  """Joins the other processes when the arguments, the environment (JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID) or a TPU pod say there are others; returns their
+  `PeerWatch`, or None for a run of one process. Call it before anything touches a device."""
+  from softprompt_jax import partitioning
+  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num_processes = _int_setting(num_processes, "--num_processes", "JAX_NUM_PROCESSES")
+  process_id = _int_setting(process_id, "--process_id", "JAX_PROCESS_ID")
+  if address and None in (num_processes, process_id):
+    missing = [name for name, value in [("--num_processes (JAX_NUM_PROCESSES)", num_processes),
+                                        ("--process_id (JAX_PROCESS_ID)", process_id)]
+               if value is None]
+    raise DistributedError(f"a multi-process run needs {' and '.join(missing)} too, on every "
+                           "process")
+  if not address and (num_processes is not None or process_id is not None):
+    raise DistributedError("--num_processes and --process_id need --coordinator_address (or "
+                           "JAX_COORDINATOR_ADDRESS): the host:port of process 0")
+  if peer_timeout_s <= 0:
+    raise DistributedError(f"--peer_timeout_s must be positive, got {peer_timeout_s}")
+  if address:  # JAX aborts with a bare DEADLINE_EXCEEDED when the others never come
+    print(f"{command}: joining {num_processes} processes at {address} as process {process_id} "
+          f"(waiting up to {initialization_timeout_s} s for the others)", file=sys.stderr,
+          flush=True)
+    if process_id != 0:
+      _wait_for_coordinator(address, initialization_timeout_s)
+  try:
+    # JAX's own heartbeat check stays as a backstop behind the watch.
+    joined = partitioning.initialize_distributed(
+        address, num_processes, process_id, heartbeat_timeout_s=int(peer_timeout_s) + 30,
+        initialization_timeout_s=initialization_timeout_s)
+  except Exception as e:  # e.g. a process id out of range
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DistributedError(f"could not join the run's processes at {address} ({first}); start "
+                           "every process with the same coordinator address and "
+                           "--num_processes, each with its own --process_id") from e
+  import jax
+  if not joined or jax.process_count() == 1:
+    return None
+  print(f"{command}: process {jax.process_index()} of {jax.process_count()} "
+        f"({jax.local_device_count()} of {jax.device_count()} devices); if a process is lost "
+        f"for {peer_timeout_s:g} s the others stop", file=sys.stderr, flush=True)
+  return PeerWatch(peer_timeout_s, command=command)
+
+
+def _int_setting(value, flag: str, variable: str):
+  """`value`, else the environment variable's (as int), else None."""
+  if value is not None:
+    return value
+  text = os.environ.get(variable)
+  if not text:
+    return None
+  try:
+    return int(text)
+  except ValueError:
+    raise DistributedError(f"{variable}={text!r} is not a whole number ({flag})") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Returns once process 0's coordinator accepts connections; a DistributedError after
+  `timeout_s` (JAX's own wait would end in an abort without saying what it waited for)."""
+  import socket
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+      return
+    except (OSError, ValueError) as e:
+      if isinstance(e, ValueError) or time.monotonic() >= deadline:
+        raise DistributedError(
+            f"could not reach the coordinator at {address} within {timeout_s:g} s ({e}); start "
+            "process 0 with the same --coordinator_address (it serves it), and check the host "
+            "and port") from None
+      time.sleep(0.5)
 
 
 def _client():
