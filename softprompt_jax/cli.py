@@ -178,16 +178,17 @@ def _train(run_dir: pathlib.Path, train) -> int:
   import gin
 
   from softprompt_jax.partitioning import is_primary_process
+  from softprompt_jax.trainer import ALREADY_COMPLETE
   primary = is_primary_process()  # only process 0 writes the record
   created = not run_dir.exists()
   config_file = run_dir / "config.gin"
   previous = config_file.read_text() if config_file.is_file() else None
   steps_before = _checkpoint_names(run_dir)
-  if primary:
+  if primary and previous != gin.config_str():  # a rerun leaves the record as it is
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file.write_text(gin.config_str())
   try:
-    train()
+    result = train()
   except BaseException:  # a preemption has saved a checkpoint: the record stays
     if primary and _checkpoint_names(run_dir) == steps_before:  # nothing trained: undo
       if previous is None:
@@ -197,8 +198,9 @@ def _train(run_dir: pathlib.Path, train) -> int:
       if created and not any(run_dir.iterdir()):
         run_dir.rmdir()
     raise
-  if primary:
-    (run_dir / "operative_config.gin").write_text(gin.operative_config_str())
+  operative = run_dir / "operative_config.gin"
+  if primary and not (result.get(ALREADY_COMPLETE) and operative.is_file()):
+    operative.write_text(gin.operative_config_str())
   return 0
 
 

@@ -438,9 +438,9 @@ def write_summary(run_dir, summary: dict, *, stream: Optional[TextIO] = None) ->
     parts.append(f"{summary['steps']} steps")
   if "wall_time_s" in summary:
     parts.append(f"wall time {_format_duration(float(summary['wall_time_s']))}")
-  if "final_loss" in summary:
+  if summary.get("final_loss") is not None:
     parts.append(f"final loss {float(summary['final_loss']):.4g}")
-  if "best_value" in summary:
+  if summary.get("best_value") is not None:
     best = f"best {summary.get('best_metric', 'metric')} {float(summary['best_value']):.4g}"
     if "best_step" in summary:
       best += f" at step {summary['best_step']}"

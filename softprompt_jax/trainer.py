@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import pathlib
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -282,6 +284,11 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   if num_steps < 1 or eval_every < 1:
     raise ConfigError(f"num_steps ({num_steps}) and eval_every ({eval_every}) must be >= 1")
   checked_bad_records(bad_records)
+  finished = completed_summary(model_dir, num_steps, prompt_length)
+  if finished is not None:  # a rerun of a finished run: every file stays as it is
+    print(f"{model_dir}: already complete at step {finished['steps']}; nothing to do",
+          file=sys.stderr, flush=True)
+    return {**finished, ALREADY_COMPLETE: True}
   setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=prompt_length,
                     prompt_init=prompt_init, placement=placement, trainable=trainable,
                     num_partitions=num_partitions, mesh_shape=mesh_shape,
@@ -316,11 +323,13 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   start_step = 0
   restored, damaged = checkpoints.restore_latest(abstract_like(state))
   latest = None
+  last_eval = None
   if restored is not None:
     latest, state, position, saved_meta = restored
     _check_same_run(saved_meta, meta, model_dir)
     batches.restore(position)
     start_step = int(state.step)
+    last_eval = saved_meta.get("metrics")  # the summary's, if no step is left to run
   model_dir.mkdir(parents=True, exist_ok=True)
 
   log = RunLog(model_dir, num_steps, start_step=start_step, enabled=primary)
@@ -330,7 +339,6 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
     log.message(f"resumed from {checkpoints.directory / str(latest)} at step {start_step}")
   step = start_step
   unchecked = []  # (step, metrics) since the last check
-  last_eval = None
   pending_tokens = 0
   preempted = None
   try:
@@ -390,7 +398,9 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
         best_state, _, _ = checkpoints.restore(best, abstract_like(state))
         best_prompt = np.asarray(best_state.trainable["prompt"]["prompt"])
     summary["final_eval"] = last_eval
-    summary["final_loss"] = float(metrics["loss"]) if step > start_step else None
+    # A run stopped during its final save has trained every step: the loss is in its log.
+    summary["final_loss"] = (float(metrics["loss"]) if step > start_step
+                             else _last_logged_loss(model_dir, step))
     if primary:
       if best_prompt is not None:
         prompts.save_npy(model_dir / PROMPT_FILE, best_prompt)
@@ -398,6 +408,31 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
       plot_curves(model_dir)
   checkpoints.close()
   return summary
+
+
+ALREADY_COMPLETE = "already_complete"  # in train's result: a rerun that changed nothing
+
+
+def completed_summary(model_dir: pathlib.Path, num_steps: int,
+                      prompt_length: int) -> Optional[dict]:
+  """The saved summary of a run that trained `num_steps` and wrote its results (summary, and
+  the prompt when it has one); None while anything is left to do."""
+  from softprompt_jax.run_log import SUMMARY_FILE
+  try:
+    summary = json.loads((model_dir / SUMMARY_FILE).read_text())
+  except (OSError, ValueError):
+    return None
+  if not isinstance(summary, dict) or not isinstance(summary.get("steps"), int):
+    return None
+  if summary["steps"] < num_steps or (prompt_length and not (model_dir / PROMPT_FILE).is_file()):
+    return None
+  return summary
+
+
+def _last_logged_loss(model_dir: pathlib.Path, step: int) -> Optional[float]:
+  from softprompt_jax.run_log import read_metrics
+  logged = [r for r in read_metrics(model_dir, "train") if r.get("step") == step]
+  return float(logged[-1]["loss"]) if logged and "loss" in logged[-1] else None
 
 
 _RUN_IDENTITY = ("task", "prompt_length", "trainable", "model_fingerprint")
