@@ -178,18 +178,28 @@ def _train(run_dir: pathlib.Path, train) -> int:
   import gin
 
   from softprompt_jax.partitioning import is_primary_process
+  from softprompt_jax.run_lock import RunDirectoryBusy, RunLock
   from softprompt_jax.trainer import ALREADY_COMPLETE
   primary = is_primary_process()  # only process 0 writes the record
   created = not run_dir.exists()
+  lock = RunLock(run_dir)
+  if primary:  # before anything is written: a second train here must not touch the record
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+      lock.acquire()
+    except RunDirectoryBusy:
+      if created:
+        run_dir.rmdir()
+      raise
   config_file = run_dir / "config.gin"
   previous = config_file.read_text() if config_file.is_file() else None
   steps_before = _checkpoint_names(run_dir)
   if primary and previous != gin.config_str():  # a rerun leaves the record as it is
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_file.write_text(gin.config_str())
   try:
     result = train()
   except BaseException:  # a preemption has saved a checkpoint: the record stays
+    lock.release()
     if primary and _checkpoint_names(run_dir) == steps_before:  # nothing trained: undo
       if previous is None:
         config_file.unlink(missing_ok=True)
@@ -198,6 +208,7 @@ def _train(run_dir: pathlib.Path, train) -> int:
       if created and not any(run_dir.iterdir()):
         run_dir.rmdir()
     raise
+  lock.release()
   operative = run_dir / "operative_config.gin"
   if primary and not (result.get(ALREADY_COMPLETE) and operative.is_file()):
     operative.write_text(gin.operative_config_str())
@@ -345,9 +356,10 @@ def is_user_error(error: BaseException) -> bool:
   from softprompt_jax.data.tasks import RecordError, UnknownTaskError
   from softprompt_jax.gin_setup import unwrap
   from softprompt_jax.pretrained import ChecksumError
+  from softprompt_jax.run_lock import RunDirectoryBusy
   from softprompt_jax.trainer import ConfigError, NumericalError
-  user_errors = (UsageError, DistributedError, ConfigError, NumericalError, DataError,
-                 RecordError, UnknownTaskError, CheckpointError, prompts.PromptShapeError,
+  user_errors = (UsageError, DistributedError, RunDirectoryBusy, ConfigError, NumericalError,
+                 DataError, RecordError, UnknownTaskError, CheckpointError, prompts.PromptShapeError,
                  prompts.PromptFileError, ChecksumError, FileNotFoundError, NotADirectoryError,
                  IsADirectoryError, PermissionError)
   return isinstance(unwrap(error), user_errors)
