@@ -12,6 +12,7 @@ import time
 import traceback
 
 from softprompt_jax.multihost import PEER_LOST_STATUS, DistributedError
+from softprompt_jax.run_lock import RunDirectoryBusy, RunLock
 
 TRACEBACK_ENV = "SOFTPROMPT_JAX_TRACEBACK"
 # Exit status of a run stopped by a configuration or input error (argparse's usage status).
@@ -178,7 +179,6 @@ def _train(run_dir: pathlib.Path, train) -> int:
   import gin
 
   from softprompt_jax.partitioning import is_primary_process
-  from softprompt_jax.run_lock import RunDirectoryBusy, RunLock
   from softprompt_jax.trainer import ALREADY_COMPLETE
   primary = is_primary_process()  # only process 0 writes the record
   created = not run_dir.exists()
@@ -356,7 +356,6 @@ def is_user_error(error: BaseException) -> bool:
   from softprompt_jax.data.tasks import RecordError, UnknownTaskError
   from softprompt_jax.gin_setup import unwrap
   from softprompt_jax.pretrained import ChecksumError
-  from softprompt_jax.run_lock import RunDirectoryBusy
   from softprompt_jax.trainer import ConfigError, NumericalError
   user_errors = (UsageError, DistributedError, RunDirectoryBusy, ConfigError, NumericalError,
                  DataError, RecordError, UnknownTaskError, CheckpointError, prompts.PromptShapeError,

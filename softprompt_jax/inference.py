@@ -10,7 +10,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from softprompt_jax import interpret, prompts
+from softprompt_jax import decoding, interpret, prompts
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
 from softprompt_jax.trainer import (CHECKPOINT_SUBDIR, PROMPT_FILE, ConfigError,
@@ -147,7 +147,6 @@ def _decode_chunk(net, params, chunk, names, vocab, batch_size, input_length,
                   target_length) -> np.ndarray:
   """Greedy token ids [batch_size, target_length] of up to batch_size requests (padded to one
   compiled shape whatever the task mix)."""
-  from softprompt_jax import decoding
   tokens = vocab.encode_batch([r["inputs"] for r in chunk], max_length=input_length)
   ids = np.array([names.index(r["task"]) for r in chunk], np.int32)
   pad = batch_size - len(chunk)

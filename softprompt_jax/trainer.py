@@ -26,6 +26,8 @@ from softprompt_jax import train_step as ts
 from softprompt_jax.checkpoints.state import PromptCheckpoints, abstract_like, fingerprint
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
+from softprompt_jax.run_log import (SUMMARY_FILE, RunLog, plot_curves, read_metrics,
+                                    write_summary)
 from softprompt_jax.t5 import T5
 from softprompt_jax.tokenizers import get_vocabulary
 
@@ -278,7 +280,6 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   own, leaving the periodic ones to resume from; tests use it.
   """
   from softprompt_jax.data import pipeline
-  from softprompt_jax.run_log import RunLog, plot_curves, write_summary
   start_time = time.time()
   model_dir = pathlib.Path(model_dir)
   if num_steps < 1 or eval_every < 1:
@@ -417,7 +418,6 @@ def completed_summary(model_dir: pathlib.Path, num_steps: int,
                       prompt_length: int) -> Optional[dict]:
   """The saved summary of a run that trained `num_steps` and wrote its results (summary, and
   the prompt when it has one); None while anything is left to do."""
-  from softprompt_jax.run_log import SUMMARY_FILE
   try:
     summary = json.loads((model_dir / SUMMARY_FILE).read_text())
   except (OSError, ValueError):
@@ -430,7 +430,6 @@ def completed_summary(model_dir: pathlib.Path, num_steps: int,
 
 
 def _last_logged_loss(model_dir: pathlib.Path, step: int) -> Optional[float]:
-  from softprompt_jax.run_log import read_metrics
   logged = [r for r in read_metrics(model_dir, "train") if r.get("step") == step]
   return float(logged[-1]["loss"]) if logged and "loss" in logged[-1] else None
 

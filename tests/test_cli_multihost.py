@@ -46,6 +46,21 @@ def _env(devices: int, process_id=None, port=None) -> dict:
   return env
 
 
+def _kill_all(procs) -> None:
+  for p in procs:  # never leave a process behind, whatever happened
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def _outputs(procs, timeout_s: float) -> list[str]:
+  """Each process's output once it has ended (those left after the timeout are killed)."""
+  try:
+    return [p.communicate(timeout=timeout_s)[0] for p in procs]
+  finally:
+    _kill_all(procs)
+
+
 class Run:
   """Processes of one `train` invocation, their output in files (no pipe can fill up)."""
 
@@ -79,10 +94,7 @@ class Run:
       self.kill()
 
   def kill(self) -> None:
-    for p in self.procs:  # never leave a process behind, whatever happened
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+    _kill_all(self.procs)
 
   def tails(self) -> str:
     return "\n".join(f"--- process {i}:\n{self.output(i)[-3000:]}" for i in range(len(self.logs)))
@@ -215,10 +227,7 @@ def test_an_error_in_one_process_stops_the_others_at_once_quoting_it():
     out, _ = procs[0].communicate(timeout=RUN_TIMEOUT_S)
     seconds = time.time() - start
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
+    _kill_all(procs)
   assert procs[0].returncode == PEER_LOST_STATUS, out[-3000:]
   assert "worker: error: process 1 of 2 stopped with an error (disk full)" in out
   assert "finished" not in out
@@ -227,13 +236,7 @@ def test_an_error_in_one_process_stops_the_others_at_once_quoting_it():
 
 def test_a_process_that_finished_first_is_not_lost():
   procs = _watch_workers("done")
-  try:
-    outputs = [p.communicate(timeout=60)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  outputs = _outputs(procs, 60)
   assert [p.returncode for p in procs] == [0, 0], outputs
   assert all(f"process {i} finished" in out for i, out in enumerate(outputs))
 
@@ -292,13 +295,7 @@ def test_two_processes_share_infer_batches_and_write_what_one_process_writes(tmp
   procs = [subprocess.Popen([sys.executable, "-m", "softprompt_jax", *args(tmp_path / "two.jsonl")],
                             env=_env(2, i, port), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=RUN_TIMEOUT_S)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  outputs = _outputs(procs, RUN_TIMEOUT_S)
   assert [p.returncode for p in procs] == [0, 0], outputs
   assert "wrote 5 predictions" in outputs[0] and "wrote" not in outputs[1]
   assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
