@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import os
 import pathlib
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Optional
 
 from softprompt_jax.multihost import PEER_LOST_STATUS, DistributedError
 from softprompt_jax.run_lock import RunDirectoryBusy, RunLock
@@ -361,13 +363,45 @@ def is_user_error(error: BaseException) -> bool:
                  DataError, RecordError, UnknownTaskError, CheckpointError, prompts.PromptShapeError,
                  prompts.PromptFileError, ChecksumError, FileNotFoundError, NotADirectoryError,
                  IsADirectoryError, PermissionError)
-  return isinstance(unwrap(error), user_errors)
+  error = unwrap(error)
+  return isinstance(error, user_errors) or is_disk_error(error)
+
+
+# A file system that refuses a write: full, over quota or read-only. The user frees space or
+# points the run elsewhere; a traceback would add nothing.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_error(error: BaseException) -> Optional[OSError]:
+  """The OSError (possibly raised inside a library, as the cause or context of its own error)
+  whose errno says the disk refused a write; None if there is none."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def is_disk_error(error: BaseException) -> bool:
+  return disk_error(error) is not None
+
+
+def describe_disk_error(error: OSError) -> str:
+  where = f" {error.filename}" if error.filename else ""
+  return (f"cannot write{where}: {error.strerror or os.strerror(error.errno)}; free space or "
+          "make it writable (or choose another path), then run the same command again (train "
+          "resumes from its last checkpoint)")
 
 
 def one_line(error: BaseException, max_parts: int = 12) -> str:
   """The error's message on one line: gin's appended call location dropped, the lines of a
   multi-line message (a checkpoint mismatch lists one array a line) joined with '; '."""
   from softprompt_jax.gin_setup import unwrap
+  disk = disk_error(error)
+  if disk is not None:
+    return describe_disk_error(disk)
   lines = [line.strip() for line in str(unwrap(error)).splitlines() if line.strip()]
   if not lines:
     return type(error).__name__
