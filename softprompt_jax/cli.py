@@ -7,6 +7,7 @@ import errno
 import inspect
 import os
 import pathlib
+import signal
 import sys
 import tempfile
 import time
@@ -183,6 +184,8 @@ def _train(run_dir: pathlib.Path, train) -> int:
   from softprompt_jax.partitioning import is_primary_process
   from softprompt_jax.trainer import ALREADY_COMPLETE
   primary = is_primary_process()  # only process 0 writes the record
+  if run_dir.exists() and not run_dir.is_dir():
+    raise UsageError(f"--model_dir {run_dir} is a file; give a directory (new or a run's)")
   created = not run_dir.exists()
   lock = RunLock(run_dir)
   if primary:  # before anything is written: a second train here must not touch the record
@@ -314,6 +317,23 @@ def _add_multi_host_flags(parser: argparse.ArgumentParser) -> None:
                      help="how long to wait for every process to join")
 
 
+def _no_tpu_lookup_without_a_tpu() -> None:
+  """With libtpu installed (the [tpu] and [test] extras) JAX looks for a TPU, and on a machine
+  without one libtpu prints a page of warnings: skip the TPU where none can be (no /dev/accel*,
+  no /dev/vfio) and no GPU plugin is installed either. JAX_PLATFORMS, when set, decides."""
+  import glob
+  import importlib.util
+  if os.environ.get("JAX_PLATFORMS") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*"):
+    return
+  if importlib.util.find_spec("libtpu") is None:
+    return
+  if any(importlib.util.find_spec(f"jax_{kind}_plugin") for kind in
+         ("cuda12", "cuda13", "rocm6", "rocm7")):
+    return
+  import jax
+  jax.config.update("jax_platforms", "cpu")
+
+
 def main(argv=None) -> int:
   """Runs a command; returns its exit status. A configuration or input error (see
   `is_user_error`) prints one line, `softprompt-jax COMMAND: error: MESSAGE`, and returns 2;
@@ -321,12 +341,22 @@ def main(argv=None) -> int:
   saving a checkpoint returns 143 / 130 (128 + the signal, as a shell reports a process the
   signal ended: not 0, so no supervisor takes the run for complete); a multi-host process that
   lost another exits with PEER_LOST_STATUS (75). Rerunning the same command resumes both."""
-  from softprompt_jax.preemption import Preempted
+  from softprompt_jax.preemption import Interrupted, Preempted, SignalsAsExceptions
   args, extra = build_parser().parse_known_args(argv)
+  _no_tpu_lookup_without_a_tpu()
   try:
-    return args.run(args, extra)
+    with SignalsAsExceptions():
+      return args.run(args, extra)
   except Preempted as stopped:
     print(f"softprompt-jax {args.command}: {one_line(stopped)}", file=sys.stderr, flush=True)
+    return stopped.exit_status
+  except (Interrupted, KeyboardInterrupt) as stopped:  # where no checkpoint could be made
+    if _show_traceback(args):
+      raise
+    stopped = stopped if isinstance(stopped, Interrupted) else Interrupted(signal.SIGINT)
+    after = ("run the same command again: it resumes from the last checkpoint, if any"
+             if args.command == "train" else "nothing was written")
+    print(f"softprompt-jax {args.command}: {stopped}; {after}", file=sys.stderr, flush=True)
     return stopped.exit_status
   except Exception as error:
     if _show_traceback(args) or not is_user_error(error):

@@ -21,23 +21,36 @@ from softprompt_jax import inference, model_spec, optim, prompts, trainer
 _REGISTERED: dict = {}
 
 
+def _entries() -> list:
+  """(function, gin name, gin module, the rules its parameters are checked by)."""
+  entries = [
+      (trainer.train, "train", None, trainer.TRAIN_RULES),
+      (inference.evaluate, "evaluate", None, inference.EVALUATE_RULES),
+      (inference.infer, "infer", None, inference.INFER_RULES),
+      (inference.interpret_prompt, "interpret", None, inference.INTERPRET_RULES),
+      (model_spec.frozen_model, "frozen_model", None, model_spec.FROZEN_MODEL_RULES),
+      (optim.adafactor, "adafactor", "optim", optim.ADAFACTOR_RULES),
+      (optim.adam, "adam", "optim", optim.ADAM_RULES),
+  ]
+  for name, fn in prompts.INITIALIZERS.items():
+    entries.append((fn, name, "prompts", prompts.INITIALIZER_RULES[name]))
+  return entries
+
+
 def register() -> dict:
   """Registers every configurable (idempotent); returns {name: configurable}."""
   if _REGISTERED:
     return _REGISTERED
-  entries = [
-      (trainer.train, "train", None), (inference.evaluate, "evaluate", None),
-      (inference.infer, "infer", None), (inference.interpret_prompt, "interpret", None),
-      (model_spec.frozen_model, "frozen_model", None),
-      (optim.adafactor, "adafactor", "optim"), (optim.adam, "adam", "optim"),
-  ]
-  for name in ("random_uniform", "sampled_vocab", "class_labels", "from_text", "from_npy",
-               "from_t5x_checkpoint", "from_peft_adapter"):
-    entries.append((getattr(prompts, name), name, "prompts"))
-  for fn, name, module in entries:
+  for fn, name, module, _ in _entries():
     key = f"{module}.{name}" if module else name
     _REGISTERED[key] = gin.external_configurable(fn, name=name, module=module)
   return _REGISTERED
+
+
+def parameter_rules() -> dict:
+  """{gin name: (function, {parameter: config_checks.Rule})} of every configurable."""
+  return {(f"{module}.{name}" if module else name): (fn, rules)
+          for fn, name, module, rules in _entries()}
 
 
 def config_search_paths() -> list[pathlib.Path]:

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softprompt_jax import config_checks as cc
 from softprompt_jax.t5 import T5
-from softprompt_jax.t5_config import T5Config, t5_config, tiny_config
+from softprompt_jax.t5_config import FAMILIES, SIZES, T5Config, t5_config, tiny_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,15 @@ class ModelSpec:
 
 FROZEN_DTYPES = ("float32", "bfloat16", "float16")
 
+FROZEN_MODEL_RULES = {
+    "checkpoint": cc.path(optional=True), "family": cc.one_of(*FAMILIES),
+    "size": cc.one_of("tiny", *SIZES["t5_1_1"]),
+    "overrides": cc.instance(dict, "a dict of T5Config fields", optional=True),
+    "seed": cc.SEED,
+    "frozen_dtype": cc.Rule(f"one of {list(FROZEN_DTYPES)}",
+                            lambda v: jnp.dtype(v).name in FROZEN_DTYPES),
+}
+
 
 def frozen_model(checkpoint: Optional[str] = None, family: str = "t5_1_1", size: str = "base",
                  overrides: Optional[dict] = None, seed: int = 0,
@@ -62,6 +72,7 @@ def frozen_model(checkpoint: Optional[str] = None, family: str = "t5_1_1", size:
   weights are stored ('float32', exact; 'bfloat16' halves their memory, logits then differ from
   float32 by bfloat16 rounding). Trainable parameters and optimizer state are float32 always.
   """
+  cc.check("frozen_model", locals(), FROZEN_MODEL_RULES)
   return ModelSpec(checkpoint, family, size, tuple(sorted((overrides or {}).items())), seed,
                    jnp.dtype(frozen_dtype).name if not isinstance(frozen_dtype, str)
                    else frozen_dtype)

@@ -15,6 +15,8 @@ from typing import Sequence
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from softprompt_jax import config_checks as cc
+
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 PROMPT_ONLY = (".*prompt.*",)
@@ -56,6 +58,16 @@ def merge(trainable: dict, frozen: dict) -> dict:
   return unflatten_dict(flat)
 
 
+LEARNING_RATE = cc.number(0, low_open=True, schedule=True)
+ADAFACTOR_RULES = {
+    "learning_rate": LEARNING_RATE, "decay_rate": cc.number(0, 1, low_open=True),
+    "weight_decay_rate": cc.number(0, 1, high_open=True, optional=True),
+    "clipping_threshold": cc.number(0, low_open=True, optional=True),
+    "multiply_by_parameter_scale": cc.boolean(),
+    "momentum": cc.number(0, 1, high_open=True, optional=True),
+}
+
+
 def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
               weight_decay_rate: float | None = 1e-5, clipping_threshold: float | None = 1.0,
               multiply_by_parameter_scale: bool = False, momentum: float | None = None):
@@ -64,6 +76,7 @@ def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
   optax's adafactor applies weight decay as t5x does, `(1 - wd) * param - lr * update`, not
   scaled by the learning rate.
   """
+  cc.check("optim.adafactor", locals(), ADAFACTOR_RULES)
   return optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
                          weight_decay_rate=weight_decay_rate,
                          clipping_threshold=clipping_threshold,
@@ -71,9 +84,17 @@ def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
                          momentum=momentum)
 
 
+ADAM_RULES = {
+    "learning_rate": LEARNING_RATE, "b1": cc.number(0, 1, high_open=True),
+    "b2": cc.number(0, 1, high_open=True), "eps": cc.number(0, low_open=True),
+    "weight_decay": cc.number(0),
+}
+
+
 def adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
          weight_decay: float = 0.0):
   """Adam (AdamW when weight_decay > 0)."""
+  cc.check("optim.adam", locals(), ADAM_RULES)
   if weight_decay:
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)

@@ -16,7 +16,6 @@ loop can pass before the agreement arrives; it also listens to SIGTERM only.)
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from typing import Optional
@@ -41,6 +40,42 @@ class Preempted(Exception):
   @property
   def exit_status(self) -> int:
     return 128 + self.signal_number
+
+
+class Interrupted(BaseException):
+  """SIGTERM or SIGINT where no checkpoint can be made (before a train loop, or in another
+  command): the command ends at once, with what it had written undone or left whole."""
+
+  def __init__(self, signal_number: int):
+    self.signal_number = signal_number
+    super().__init__(f"interrupted ({signal.Signals(signal_number).name})")
+
+  @property
+  def exit_status(self) -> int:
+    return 128 + self.signal_number
+
+
+class SignalsAsExceptions:
+  """A context in which SIGTERM and SIGINT raise `Interrupted`, so the command's cleanup runs
+  and it ends with one line (a train loop's `StopSignals` takes over inside it)."""
+
+  def __init__(self):
+    self._previous = {}
+
+  def __enter__(self) -> "SignalsAsExceptions":
+    if threading.current_thread() is threading.main_thread():
+      for number in SIGNALS:
+        self._previous[number] = signal.signal(number, self._raise)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for number, handler in self._previous.items():
+      signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+    self._previous.clear()
+
+  @staticmethod
+  def _raise(number, frame) -> None:
+    raise Interrupted(number)
 
 
 class StopSignals:
@@ -68,10 +103,8 @@ class StopSignals:
     if self.signal_number is None:
       self.signal_number = number
       return
-    self.__exit__()  # a second signal: the default action (KeyboardInterrupt, or the end)
-    if number == signal.SIGINT:
-      raise KeyboardInterrupt
-    os.kill(os.getpid(), number)
+    self.__exit__()  # a second signal: stop now, without the checkpoint
+    raise Interrupted(number)
 
   def request(self, number: int = signal.SIGTERM) -> None:
     """As if `number` had arrived (tests, or a caller with its own notice of eviction)."""

@@ -21,9 +21,11 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from softprompt_jax import config_checks as cc
 from softprompt_jax import decoding, optim, partitioning, preemption, prompts
 from softprompt_jax import train_step as ts
 from softprompt_jax.checkpoints.state import PromptCheckpoints, abstract_like, fingerprint
+from softprompt_jax.config_checks import ConfigError
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
 from softprompt_jax.run_log import (SUMMARY_FILE, RunLog, plot_curves, read_metrics,
@@ -33,10 +35,6 @@ from softprompt_jax.tokenizers import get_vocabulary
 
 CHECKPOINT_SUBDIR = "checkpoints"
 PROMPT_FILE = "prompt.npy"
-
-
-class ConfigError(ValueError):
-  """A run configuration that cannot work; raised before any expensive step."""
 
 
 class NumericalError(FloatingPointError):
@@ -71,7 +69,12 @@ def _prompt_initializer(factory: Callable, task, vocabulary) -> prompts.PromptIn
     kwargs["labels"] = list(task.choices)
   if "vocabulary" in params:
     kwargs["vocabulary"] = vocabulary
-  return factory(**kwargs)
+  try:
+    return factory(**kwargs)
+  except ValueError as e:  # e.g. labels that encode to no tokens; ConfigErrors pass as they are
+    if isinstance(e, (ConfigError, prompts.PromptShapeError, prompts.PromptFileError)):
+      raise
+    raise ConfigError(str(e)) from None
 
 
 def load_vocabulary(spec):
@@ -128,13 +131,16 @@ def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_
               mesh_shape, parameter_partitioning_dims: int, activation_partitioning_dims: int,
               dropout_rate: Optional[float], seed: int, num_prompts: Optional[int] = None,
               prompt_values=None, prompt_source: Optional[str] = None,
-              batch_size: Optional[int] = None, resume_dir=None) -> Setup:
+              batch_size: Optional[int] = None, input_length: Optional[int] = None,
+              target_length: Optional[int] = None, resume_dir=None,
+              resume_identity: Optional[dict] = None) -> Setup:
   """Checks everything that can be checked from configuration and metadata (task, vocabulary,
   mesh and batch, resumed run, model config, prompt shape), then loads the frozen weights.
 
   `prompt_source`: where `prompt_values` came from, for messages. `batch_size`: checked against
-  the mesh's data axis. `resume_dir`: a run directory whose saved settings (task, prompt length,
-  trainable) must match.
+  the mesh's data axis and, with the lengths, against a device's memory. `resume_dir`: a run
+  directory whose saved settings (task, prompt length, trainable, and `resume_identity`: seed,
+  data) must match.
   """
   from softprompt_jax.data import get_task
   task = get_task(task) if isinstance(task, str) else task
@@ -164,10 +170,16 @@ def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_
         saved.close()
       if meta is not None:  # the fingerprint is checked on restore, after hashing the model
         _check_same_run(meta, {"task": task.name, "prompt_length": prompt_length,
-                               "trainable": list(trainable)}, resume_dir)
+                               "trainable": list(trainable), **(resume_identity or {})},
+                        resume_dir)
   overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
   config = _config_of(model, overrides)  # reads metadata only
   _check_vocabulary_fits(vocabulary, config)
+  if batch_size is not None and input_length is not None and target_length is not None:
+    cc.check_activations_fit(config, who=f"batch_size {batch_size}",
+                             examples_per_device=max(1, batch_size // data_axis),
+                             prompt_length=prompt_length, input_length=input_length,
+                             target_length=target_length, device=partitioner.mesh.devices.flat[0])
   init = _prompt_initializer(prompt_init, task, vocabulary) if prompt_length else None
   if prompt_length:
     shape = ((prompt_length, config.emb_dim) if num_prompts is None
@@ -184,7 +196,10 @@ def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_
     params = make_prompted_params(net, frozen_params, jax.random.PRNGKey(seed), prompt_values)
   else:
     params = frozen_params
-  labels = optim.param_labels(params, tuple(trainable))
+  try:
+    labels = optim.param_labels(params, tuple(trainable))
+  except ValueError as e:  # no path matches: nothing would train
+    raise ConfigError(f"trainable: {e}") from None
   return Setup(task, vocabulary, partitioner, config, net, params, labels)
 
 
@@ -210,23 +225,31 @@ def predict(model, params, task, examples_batch, vocabulary, target_length: int,
 def run_eval(setup: Setup, params, split: str, *, data_source, batch_size: int,
              input_length: int, target_length: int, max_examples: Optional[int],
              bad_records: str = "error") -> dict:
-  """Metrics of the task's `split` with `params` (frozen + prompt)."""
+  """Metrics of the task's `split` with `params` (frozen + prompt), and the counts of what was
+  evaluated, as training reports its own: `num_examples`, `num_truncated_inputs` /
+  `num_truncated_targets` (longer than input_length / target_length, so cut) and, with
+  bad_records='skip', `num_skipped_records`. A long pass shows its progress on stderr."""
+  from softprompt_jax import progress
   from softprompt_jax.data import pipeline
   stream = pipeline.eval_batches(setup.task, split, setup.vocabulary, source=data_source,
                                  batch_size=batch_size, input_length=input_length,
                                  target_length=target_length, max_examples=max_examples,
                                  bad_records=bad_records)
   examples, predictions = [], []
-  for batch in stream:
-    texts = predict(setup.model, params, setup.task, batch.arrays, setup.vocabulary,
-                    target_length)
-    real = [i for i, keep in enumerate(batch.mask) if keep]
-    examples += [batch.examples[i] for i in real]
-    predictions += [texts[i] for i in real]
+  with progress.Progress(f"eval {split}", stream.num_examples) as shown:
+    for batch in stream:
+      texts = predict(setup.model, params, setup.task, batch.arrays, setup.vocabulary,
+                      target_length)
+      real = [i for i, keep in enumerate(batch.mask) if keep]
+      examples += [batch.examples[i] for i in real]
+      predictions += [texts[i] for i in real]
+      shown.update(len(examples))
   if not examples:
     raise ConfigError(f"{setup.task.name}: split {split!r} has no examples to evaluate")
   metrics = setup.task.evaluate(examples, predictions)
   metrics["num_examples"] = float(len(examples))
+  metrics["num_truncated_inputs"] = float(stream.stats.num_truncated_inputs)
+  metrics["num_truncated_targets"] = float(stream.stats.num_truncated_targets)
   if stream.stats.num_skipped_records:
     metrics["num_skipped_records"] = float(stream.stats.num_skipped_records)
   return metrics
@@ -259,6 +282,40 @@ def _check_finite(recent: list[tuple[int, dict]]) -> None:
   recent.clear()
 
 
+def _is_optimizer(value) -> bool:
+  return callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))
+
+
+def _is_task(value) -> bool:
+  return (isinstance(value, str) and bool(value)) or hasattr(value, "evaluate")
+
+
+# What each of train's parameters accepts (checked first thing, before anything is read).
+TRAIN_RULES = {
+    "model_dir": cc.path(), "model": cc.instance(ModelSpec, "@frozen_model()"),
+    "task": cc.Rule("a task name", _is_task), "vocabulary": cc.text(optional=True),
+    "data_source": cc.data_source(), "prompt_length": cc.integer(0),
+    "prompt_init": cc.function("an initializer such as @prompts.class_labels"),
+    "placement": cc.one_of("prepend", "append"), "trainable": cc.texts(),
+    "optimizer": cc.Rule("an optax optimizer such as @optim.adafactor()", _is_optimizer,
+                         optional=True),
+    "num_steps": cc.POSITIVE, "batch_size": cc.POSITIVE, "input_length": cc.POSITIVE,
+    "target_length": cc.POSITIVE, "dropout_rate": cc.number(0, 1, high_open=True, optional=True),
+    "z_loss": cc.number(0), "label_smoothing": cc.number(0, 1, high_open=True),
+    "loss_normalizer": cc.Rule("'num_real_target_tokens', 'sum' or a number > 0",
+                               lambda v: v in ("num_real_target_tokens", "sum")
+                               or cc.number(0, low_open=True).test(v)),
+    "eval_every": cc.POSITIVE, "eval_split": cc.text(),
+    "eval_max_examples": cc.integer(1, optional=True), "best_metric": cc.text(optional=True),
+    "best_mode": cc.one_of("max", "min"), "keep_checkpoints": cc.POSITIVE,
+    "num_partitions": cc.POSITIVE, "mesh_shape": cc.integers(1, optional=True),
+    "parameter_partitioning_dims": cc.integer(1, 2),
+    "activation_partitioning_dims": cc.integer(1, 2), "seed": cc.SEED,
+    "log_every": cc.POSITIVE, "stop_after_steps": cc.integer(1, optional=True),
+    "bad_records": cc.one_of("error", "skip"),
+}
+
+
 def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_source=None,
           prompt_length: int = 100, prompt_init: Callable = prompts.class_labels,
           placement: str = "prepend", trainable: Sequence[str] = optim.PROMPT_ONLY,
@@ -279,24 +336,33 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   resumes from it. `stop_after_steps` ends this invocation early without a checkpoint of its
   own, leaving the periodic ones to resume from; tests use it.
   """
+  cc.check("train", locals(), TRAIN_RULES)
   from softprompt_jax.data import pipeline
   start_time = time.time()
   model_dir = pathlib.Path(model_dir)
-  if num_steps < 1 or eval_every < 1:
-    raise ConfigError(f"num_steps ({num_steps}) and eval_every ({eval_every}) must be >= 1")
-  checked_bad_records(bad_records)
+  if model_dir.exists() and not model_dir.is_dir():
+    raise ConfigError(f"--model_dir {model_dir} is a file; give a directory (new or a run's)")
+  patterns = (trainable,) if isinstance(trainable, str) else tuple(trainable)
+  if prompt_length == 0 and patterns == optim.PROMPT_ONLY:
+    raise ConfigError("train.prompt_length = 0 leaves nothing to train (the prompt is the "
+                      "trainable part); use a prompt length >= 1 (the paper: 1..150), or "
+                      "train.trainable = ['.*'] for model tuning")
   finished = completed_summary(model_dir, num_steps, prompt_length)
   if finished is not None:  # a rerun of a finished run: every file stays as it is
     print(f"{model_dir}: already complete at step {finished['steps']}; nothing to do",
           file=sys.stderr, flush=True)
     return {**finished, ALREADY_COMPLETE: True}
+  # Every split the run reads, read now: a bad record or an empty split stops the run before
+  # the model is loaded and anything is written, not at the first evaluation (cached for later).
+  pipeline.check_splits(task, data_source, evals=(eval_split,), bad_records=bad_records)
   setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=prompt_length,
                     prompt_init=prompt_init, placement=placement, trainable=trainable,
                     num_partitions=num_partitions, mesh_shape=mesh_shape,
                     parameter_partitioning_dims=parameter_partitioning_dims,
                     activation_partitioning_dims=activation_partitioning_dims,
                     dropout_rate=dropout_rate, seed=seed, batch_size=batch_size,
-                    resume_dir=model_dir)
+                    input_length=input_length, target_length=target_length,
+                    resume_dir=model_dir, resume_identity=_data_identity(seed, data_source))
   best_metric = best_metric or _default_metric(setup.task)
   optimizer = optim.masked_optimizer(optimizer if optimizer is not None else optim.adafactor(),
                                      setup.labels)
@@ -312,7 +378,8 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
           "placement": placement, "trainable": list(trainable), "config": setup.config.to_dict(),
           "best_metric": best_metric, "best_mode": best_mode,
           "vocabulary": vocabulary if isinstance(vocabulary, str) else None,
-          "model_fingerprint": fingerprint(model.checkpoint) if model.checkpoint else None}
+          "model_fingerprint": fingerprint(model.checkpoint) if model.checkpoint else None,
+          **_data_identity(seed, data_source)}
   checkpoints = PromptCheckpoints(model_dir / CHECKPOINT_SUBDIR, keep_last=keep_checkpoints,
                                   best_metric=best_metric, best_mode=best_mode)
   rows = setup.partitioner.process_rows(batch_size)
@@ -328,7 +395,11 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   if restored is not None:
     latest, state, position, saved_meta = restored
     _check_same_run(saved_meta, meta, model_dir)
-    batches.restore(position)
+    try:
+      batches.restore(position)
+    except ValueError as e:  # the same files, edited: the saved position means other examples
+      raise ConfigError(f"{model_dir}: cannot resume, the training data changed: {e}; use a "
+                        "new --model_dir or restore the original data") from None
     start_step = int(state.step)
     last_eval = saved_meta.get("metrics")  # the summary's, if no step is left to run
   model_dir.mkdir(parents=True, exist_ok=True)
@@ -434,13 +505,22 @@ def _last_logged_loss(model_dir: pathlib.Path, step: int) -> Optional[float]:
   return float(logged[-1]["loss"]) if logged and "loss" in logged[-1] else None
 
 
-_RUN_IDENTITY = ("task", "prompt_length", "trainable", "model_fingerprint")
+_RUN_IDENTITY = ("task", "prompt_length", "trainable", "model_fingerprint", "seed",
+                 "data_source")
+
+
+def _data_identity(seed: int, data_source) -> dict:
+  """The settings that fix which examples each step sees (JSON-comparable)."""
+  return {"seed": seed, "data_source": json.loads(json.dumps(data_source, default=str))}
 
 
 def _check_same_run(saved: dict, current: dict, model_dir) -> None:
-  """Resuming with a different model, task or prompt shape would silently mix two runs.
-  Compares the identity keys that `current` holds."""
+  """Resuming with a different model, task, prompt shape, seed or data would silently mix two
+  runs. Compares the identity keys that `current` holds (and, for the seed and data, that the
+  saved run recorded: older runs did not)."""
   for key in (k for k in _RUN_IDENTITY if k in current):
+    if key in ("seed", "data_source") and key not in saved:
+      continue
     if saved.get(key) != current.get(key):
       raise ConfigError(f"{model_dir}: this run directory was trained with {key}="
                         f"{saved.get(key)!r}, now {current.get(key)!r}; use a new --model_dir "

@@ -20,3 +20,25 @@ def shared_fixtures() -> pathlib.Path:
     pytest.skip(f"real-artifact fixtures not found at {SHARED_FIXTURES} "
                 "(they live in ../shared beside the checkout; CI provides them)")
   return SHARED_FIXTURES
+
+
+def _forbidden(what):
+  def call(*args, **kwargs):
+    raise AssertionError(f"{what} was called: expensive work started before the error")
+  return call
+
+
+@pytest.fixture
+def no_expensive_work(monkeypatch):
+  """Loading or initialising the frozen model, reading weights or building sharded steps fails
+  the test (every name the run paths reach them by is patched)."""
+  # Imported before patching: a module first imported under the patch would keep the patched
+  # name (`from ... import load_frozen`) after the test.
+  import softprompt_jax.inference  # noqa: F401
+  import softprompt_jax.trainer  # noqa: F401
+  for target in ("softprompt_jax.model_spec.load_frozen", "softprompt_jax.trainer.load_frozen",
+                 "softprompt_jax.inference.load_frozen", "softprompt_jax.loading.load_t5",
+                 "softprompt_jax.loading.read_params", "softprompt_jax.partitioning.sharded_steps",
+                 "softprompt_jax.prompted.make_prompted_params",
+                 "softprompt_jax.trainer.make_prompted_params"):
+    monkeypatch.setattr(target, _forbidden(target))

@@ -29,24 +29,6 @@ EVAL = ["--gin_file", "models/tiny.gin", "--gin_file", "runs/prompt_eval.gin",
 INFER = ["--gin_file", "models/tiny.gin", "--gin_file", "runs/prompt_infer.gin"]
 
 
-def _forbidden(what):
-  def call(*args, **kwargs):
-    raise AssertionError(f"{what} was called: expensive work started before the error")
-  return call
-
-
-@pytest.fixture
-def no_expensive_work(monkeypatch):
-  """Loading or initialising the frozen model, reading weights or building sharded steps fails
-  the test (every name the run paths reach them by is patched)."""
-  for target in ("softprompt_jax.model_spec.load_frozen", "softprompt_jax.trainer.load_frozen",
-                 "softprompt_jax.inference.load_frozen", "softprompt_jax.loading.load_t5",
-                 "softprompt_jax.loading.read_params", "softprompt_jax.partitioning.sharded_steps",
-                 "softprompt_jax.prompted.make_prompted_params",
-                 "softprompt_jax.trainer.make_prompted_params"):
-    monkeypatch.setattr(target, _forbidden(target))
-
-
 def _fails(capsys, argv, *words):
   """Runs the CLI in-process; asserts status 2, exactly one stderr line of the form
   `softprompt-jax <command>: error: ...` holding `words`; returns that line."""

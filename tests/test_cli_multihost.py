@@ -22,7 +22,7 @@ import pytest
 
 from softprompt_jax.cli import main
 from softprompt_jax.multihost import PEER_LOST_STATUS, _timed_out
-from softprompt_jax.preemption import Preempted, StopSignals
+from softprompt_jax.preemption import Interrupted, Preempted, StopSignals
 
 TESTS = pathlib.Path(__file__).resolve().parent
 SMOKE = ["--gin_file", "runs/smoke.gin", "--gin.train.num_steps=30"]
@@ -257,9 +257,10 @@ def test_signals_request_a_stop_and_a_second_one_interrupts():
     os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: a stop request
     time.sleep(0.01)
     assert signals.should_stop() and signals.stop_signal == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted) as second:  # the second one ends the command at once
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(0.01)
+  assert second.value.exit_status == 130
   assert signal.getsignal(signal.SIGINT) is before
   assert Preempted(7, signal.SIGTERM, "dir").exit_status == 143
   assert Preempted(7, signal.SIGINT, "dir").exit_status == 130
