@@ -10,7 +10,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from softprompt_jax import decoding, interpret, prompts
+from softprompt_jax import decoding, interpret, output_files, prompts
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
 from softprompt_jax.trainer import (CHECKPOINT_SUBDIR, PROMPT_FILE, ConfigError,
@@ -54,8 +54,9 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
              max_examples: Optional[int] = None, num_partitions: int = 1,
              bad_records: str = "error") -> dict:
   """Metrics of a trained prompt (`prompt_file`, else the run in `model_dir`) on `split`;
-  written to MODEL_DIR/eval_<split>.json when a run directory is given. With
-  bad_records='skip', bad records are left out and counted in `num_skipped_records`."""
+  printed to stdout, then written to MODEL_DIR/eval_<split>.json when a run directory is given
+  (in that order: a disk that refuses the file loses no metrics). With bad_records='skip', bad
+  records are left out and counted in `num_skipped_records`."""
   from softprompt_jax.data import get_task
   source = prompt_file or model_dir
   if source is None:
@@ -72,11 +73,12 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
                      input_length=input_length, target_length=target_length,
                      max_examples=max_examples, bad_records=bad_records)
   if jax.process_index() == 0:  # every process evaluated alike; one reports
+    print(json.dumps(metrics), flush=True)  # first: the metrics outlive a failed write below
     if model_dir is not None:
-      out = pathlib.Path(model_dir) / f"eval_{split}.json"
-      out.write_text(json.dumps({"task": setup.task.name, "split": split, "prompt": str(source),
-                                 "metrics": metrics}, indent=2))
-    print(json.dumps(metrics))
+      output_files.write_text(
+          pathlib.Path(model_dir) / f"eval_{split}.json",
+          json.dumps({"task": setup.task.name, "split": split, "prompt": str(source),
+                      "metrics": metrics}, indent=2))
   return metrics
 
 
@@ -85,8 +87,10 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
           target_length: int = 8) -> int:
   """Predictions for a JSONL file whose lines are {"task": name, "inputs": text} or
   {"task": name, "record": {...raw task record...}}; examples of all tasks share batches, each
-  with its own prompt from the bank. Writes {"task", "inputs", "prediction"} lines; returns the
-  number written. Several processes share the batches out; process 0 writes the file."""
+  with its own prompt from the bank. Every line is checked before the model is loaded. Writes
+  {"task", "inputs", "prediction"} lines to `output_file` (`-`: stdout; a pipe or device is
+  streamed to, a file replaced atomically: see output_files); returns the number written.
+  Several processes share the batches out; process 0 writes the output."""
   from softprompt_jax.data import get_task
   from softprompt_jax.prompts import PromptShapeError
   names = sorted(prompts)
@@ -103,20 +107,17 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
     raise PromptShapeError(f"the prompts of a bank must share one shape; PROMPTS has {shapes}")
   bank = np.stack([values[name] for name in names])
   rows = _read_requests(pathlib.Path(input_file), names, get_task)  # a bad line fails fast
+  output_files.check_output_path(output_file)  # so does an output that is a directory
   config, frozen = load_frozen(model, None, dropout_rate=0.0)
   net = PromptedT5(config, prompt_length=bank.shape[1], num_prompts=len(names))
   params = make_prompted_params(net, frozen, jax.random.PRNGKey(0), bank)
   decoded = _decode_requests(net, params, rows, names, vocab, batch_size, input_length,
                              target_length)
   if jax.process_index() == 0:  # every process holds every prediction; one writes them
-    out_path = pathlib.Path(output_file)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "w") as out:
+    with output_files.open_output(output_file) as out:
       for row, text in zip(rows, decoded):
         out.write(json.dumps({"task": row["task"], "inputs": row["inputs"],
                               "prediction": text}) + "\n")
-    tmp.replace(out_path)
   return len(rows)
 
 
@@ -157,19 +158,56 @@ def _decode_chunk(net, params, chunk, names, vocab, batch_size, input_length,
 
 
 def _read_requests(path: pathlib.Path, names, get_task) -> list[dict]:
-  """The request lines, each checked against the bank; errors name file:line and field."""
+  """The request lines, each checked against the bank; errors name file:line and field (a
+  RecordError, reason as the data pipeline counts them)."""
   from softprompt_jax.data.readers import located_records
+  from softprompt_jax.data.tasks import RecordError
   rows = []
   for location, row in located_records(path):
     task = row.get("task")
+    if "task" not in row:
+      raise RecordError(f"{location}: needs field 'task' (one of {names})", "missing_field")
+    if not isinstance(task, str):
+      raise RecordError(f"{location}: field 'task' must be a string, got {_json_type(task)}",
+                        "wrong_type")
     if task not in names:
-      raise ConfigError(f"{location}: field 'task' is {task!r}; the prompt bank has {names}")
-    if "inputs" not in row:
-      if "record" not in row:
-        raise ConfigError(f"{location}: needs field 'inputs' (text) or 'record'")
-      row = {**row, "inputs": get_task(task).format(row["record"])["inputs"]}
+      raise RecordError(f"{location}: field 'task' is {task!r}; the prompt bank has {names}",
+                        "invalid_record")
+    if "inputs" in row:
+      if not isinstance(row["inputs"], str):
+        raise RecordError(f"{location}: field 'inputs' must be a string, got "
+                          f"{_json_type(row['inputs'])}", "wrong_type")
+    elif "record" in row:
+      row = {**row, "inputs": _record_inputs(get_task(task), row["record"], location)}
+    else:
+      raise RecordError(f"{location}: needs field 'inputs' (text) or 'record' (a raw "
+                        f"{task} record)", "missing_field")
     rows.append(row)
   return rows
+
+
+def _record_inputs(task, record, location: str) -> str:
+  """The model input of a raw task record (its label may be absent: it is to be predicted)."""
+  from softprompt_jax.data.tasks import RecordError
+  if not isinstance(record, dict):
+    raise RecordError(f"{location}: field 'record' must be an object, got "
+                      f"{_json_type(record)}", "wrong_type")
+  try:
+    examples = task.examples(record, require_label=False)
+  except RecordError as e:
+    raise RecordError(f"{location}: field 'record': {e}", e.reason) from None
+  if len(examples) != 1:
+    raise RecordError(f"{location}: field 'record' makes {len(examples)} examples for "
+                      f"{task.name}; give one 'inputs' line per example instead",
+                      "invalid_record")
+  return examples[0]["inputs"]
+
+
+def _json_type(value) -> str:
+  """The JSON name of a parsed value's type, as a user wrote it."""
+  names = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string",
+           list: "list", dict: "object"}
+  return names.get(type(value), type(value).__name__)
 
 
 def interpret_prompt(*, model_dir: str, model: Optional[ModelSpec] = None, vocabulary=None,
@@ -191,21 +229,26 @@ def interpret_prompt(*, model_dir: str, model: Optional[ModelSpec] = None, vocab
   _check_prompt_fits(values, config, str(model_dir))
   config, frozen = load_frozen(model, None)
   rows = interpret.describe(values, frozen["token_embedder"]["embedding"], vocab, k=k)
-  out = pathlib.Path(model_dir) / "interpretation.json"
-  out.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+  output_files.write_text(pathlib.Path(model_dir) / "interpretation.json",
+                          json.dumps(rows, indent=1, ensure_ascii=False))
   return rows
 
 
 def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = None,
                   peft_num_heads: Optional[int] = None) -> pathlib.Path:
   """The run's best (else latest) prompt as `.npy`, or as a PEFT adapter directory when `out`
-  does not end in .npy (then the model's layer and head counts are needed)."""
+  does not end in .npy (then the model's layer and head counts are needed).
+
+  The .npy goes through output_files: a file (or a symlink's target) is replaced atomically; `-`
+  writes the .npy bytes to stdout, and a pipe or device (/dev/null, a FIFO) is streamed to
+  whatever its name, since an adapter directory cannot be streamed. An adapter directory's
+  files are each written atomically (a symlinked directory keeps its link)."""
   if not pathlib.Path(model_dir).is_dir():
     raise FileNotFoundError(f"run directory {model_dir} does not exist")
   values = run_prompt(model_dir)
   out_path = pathlib.Path(out)
-  if out_path.suffix == ".npy":
-    prompts.save_npy(out_path, values)
+  if out_path.suffix == ".npy" or output_files.is_stream(out):
+    prompts.save_npy(out, values)
     return out_path
   from softprompt_jax.peft_interop import save_peft_adapter
   meta_config = _run_meta(model_dir)["config"]

@@ -14,6 +14,8 @@ from typing import Optional
 
 import numpy as np
 
+from softprompt_jax import output_files
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
@@ -21,12 +23,17 @@ PROMPT_KEY = "prompt_embeddings"
 
 def save_peft_adapter(directory, prompt_PxH, *, num_layers: int, num_heads: int,
                       base_model_name_or_path: Optional[str] = None) -> pathlib.Path:
-  """Writes a directory that `peft.PeftModel.from_pretrained(hf_t5, directory)` loads."""
-  from safetensors.numpy import save_file
+  """Writes a directory that `peft.PeftModel.from_pretrained(hf_t5, directory)` loads. Each
+  file is replaced atomically (output_files), the weights before the config that announces
+  them; a symlink to a directory is written through."""
+  from safetensors.numpy import save
   prompt = np.ascontiguousarray(np.asarray(prompt_PxH, np.float32))
   if prompt.ndim != 2:
     raise ValueError(f"a PEFT prompt is [num_virtual_tokens, token_dim], got {prompt.shape}")
   directory = pathlib.Path(directory)
+  if directory.exists() and not directory.is_dir():
+    raise NotADirectoryError(f"{directory} is not a directory; a PEFT adapter is a directory "
+                             "(give a path ending in .npy for a single prompt file)")
   directory.mkdir(parents=True, exist_ok=True)
   config = {
       "peft_type": "PROMPT_TUNING", "task_type": "SEQ_2_SEQ_LM",
@@ -37,8 +44,8 @@ def save_peft_adapter(directory, prompt_PxH, *, num_layers: int, num_heads: int,
       "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
       "revision": None, "modules_to_save": None, "auto_mapping": None,
   }
-  save_file({PROMPT_KEY: prompt}, str(directory / ADAPTER_WEIGHTS))
-  (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+  output_files.write_bytes(directory / ADAPTER_WEIGHTS, save({PROMPT_KEY: prompt}))
+  output_files.write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2))
   return directory
 
 

@@ -7,12 +7,15 @@ vocabulary-based initializations use the real pretrained embeddings, not random 
 
 from __future__ import annotations
 
+import io
 import pathlib
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from softprompt_jax import output_files
 
 PromptInit = Callable[[jax.Array, tuple, jax.Array], jax.Array]
 
@@ -205,16 +208,15 @@ def load_npy(path: str) -> np.ndarray:
 
 
 def save_npy(path: str, prompt_PxH) -> None:
-  """Writes [P, H] float32 `.npy`, the format the released prompts use."""
+  """Writes [P, H] float32 `.npy`, the format the released prompts use, through output_files: a
+  file is replaced atomically (a crash never leaves a half-written prompt under its name), `-`
+  or a pipe or device is streamed to."""
   values = np.asarray(prompt_PxH, np.float32)
   if values.ndim != 2:
     raise PromptShapeError(f"save_npy: a prompt is [prompt_length, d_model], got {values.shape}")
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    np.save(f, values, allow_pickle=False)
-  tmp.replace(path)  # atomic: a crash never leaves a half-written prompt under the final name
+  buffer = io.BytesIO()  # np.save asks a real file for its position, which a pipe has not
+  np.save(buffer, values, allow_pickle=False)
+  output_files.write_bytes(path, buffer.getvalue())
 
 
 def from_t5x_checkpoint(path: str, variable: str = "prompt/prompt") -> PromptInit:
