@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import inspect
 import os
@@ -133,8 +134,15 @@ def _run_configurable(args, configurable, passed: dict) -> int:
     return _train(pathlib.Path(run_dir), configurable)
   result = configurable()
   if args.command == "infer" and _is_primary():
-    print(f"wrote {result} predictions")
+    print(f"wrote {result} predictions", file=_message_stream(_bound_value("infer.output_file")))
   return 0
+
+
+def _message_stream(output):
+  """Where to say what was written: stderr when the output itself is stdout (`-`,
+  /dev/stdout), which a message would corrupt; else stdout."""
+  from softprompt_jax import output_files
+  return sys.stderr if output_files.is_stdout(output) else sys.stdout
 
 
 def _initialize_distributed(args):
@@ -182,6 +190,7 @@ def _train(run_dir: pathlib.Path, train) -> int:
   import gin
 
   from softprompt_jax.partitioning import is_primary_process
+  from softprompt_jax.run_log import write_file
   from softprompt_jax.trainer import ALREADY_COMPLETE
   primary = is_primary_process()  # only process 0 writes the record
   if run_dir.exists() and not run_dir.is_dir():
@@ -199,24 +208,28 @@ def _train(run_dir: pathlib.Path, train) -> int:
   config_file = run_dir / "config.gin"
   previous = config_file.read_text() if config_file.is_file() else None
   steps_before = _checkpoint_names(run_dir)
-  if primary and previous != gin.config_str():  # a rerun leaves the record as it is
-    config_file.write_text(gin.config_str())
   try:
+    # Atomic (as every record): a full disk leaves the old file or none, never a part.
+    if primary and previous != gin.config_str():  # a rerun leaves the record as it is
+      write_file(config_file, gin.config_str())
     result = train()
   except BaseException:  # a preemption has saved a checkpoint: the record stays
     lock.release()
     if primary and _checkpoint_names(run_dir) == steps_before:  # nothing trained: undo
-      if previous is None:
-        config_file.unlink(missing_ok=True)
-      else:
-        config_file.write_text(previous)
-      if created and not any(run_dir.iterdir()):
-        run_dir.rmdir()
+      # As far as the disk lets it (full or read-only): the error that stopped the run is
+      # the one to report.
+      with contextlib.suppress(OSError):
+        if previous is None:
+          config_file.unlink(missing_ok=True)
+        elif config_file.read_text() != previous:
+          write_file(config_file, previous)
+        if created and not any(run_dir.iterdir()):
+          run_dir.rmdir()
     raise
   lock.release()
   operative = run_dir / "operative_config.gin"
   if primary and not (result.get(ALREADY_COMPLETE) and operative.is_file()):
-    operative.write_text(gin.operative_config_str())
+    write_file(operative, gin.operative_config_str())  # written once it is whole
   return 0
 
 
@@ -230,7 +243,7 @@ def _export(args, extra) -> int:
   if extra:
     raise UsageError(f"unknown arguments {extra}")
   out = export_prompt(args.model_dir, args.out)
-  print(f"wrote {out}")
+  print(f"wrote {out}", file=_message_stream(args.out))
   return 0
 
 

@@ -10,6 +10,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
+from softprompt_jax import config_checks as cc
 from softprompt_jax import decoding, interpret, output_files, prompts
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
@@ -18,6 +19,26 @@ from softprompt_jax.trainer import (CHECKPOINT_SUBDIR, PROMPT_FILE, ConfigError,
                                     load_vocabulary, run_eval, run_prompt, setup_run)
 
 _PROMPT_SOURCES = "a .npy file, a PEFT adapter directory or a run directory"
+
+_MODEL = cc.instance(ModelSpec, "@frozen_model()")
+_SHAPES = {"batch_size": cc.POSITIVE, "input_length": cc.POSITIVE,
+           "target_length": cc.POSITIVE}
+# What each configurable here accepts (checked first thing, before anything is read).
+EVALUATE_RULES = {
+    "model": _MODEL, "task": cc.text(), "vocabulary": cc.text(optional=True),
+    "model_dir": cc.path(optional=True), "prompt_file": cc.path(optional=True),
+    "data_source": cc.data_source(), "split": cc.text(), **_SHAPES,
+    "max_examples": cc.integer(1, optional=True), "num_partitions": cc.POSITIVE,
+    "bad_records": cc.one_of("error", "skip"),
+}
+INFER_RULES = {
+    "model": _MODEL, "prompts": cc.string_mapping(), "input_file": cc.path(),
+    "output_file": cc.path(), "vocabulary": cc.text(optional=True), **_SHAPES,
+}
+INTERPRET_RULES = {
+    "model_dir": cc.path(), "model": cc.instance(ModelSpec, "@frozen_model()", optional=True),
+    "vocabulary": cc.text(optional=True), "k": cc.POSITIVE,
+}
 
 
 def _prompt_values(source) -> np.ndarray:
@@ -57,6 +78,7 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
   printed to stdout, then written to MODEL_DIR/eval_<split>.json when a run directory is given
   (in that order: a disk that refuses the file loses no metrics). With bad_records='skip', bad
   records are left out and counted in `num_skipped_records`."""
+  cc.check("evaluate", locals(), EVALUATE_RULES)
   from softprompt_jax.data import get_task
   source = prompt_file or model_dir
   if source is None:
@@ -91,6 +113,7 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
   {"task", "inputs", "prediction"} lines to `output_file` (`-`: stdout; a pipe or device is
   streamed to, a file replaced atomically: see output_files); returns the number written.
   Several processes share the batches out; process 0 writes the output."""
+  cc.check("infer", locals(), INFER_RULES)
   from softprompt_jax.data import get_task
   from softprompt_jax.prompts import PromptShapeError
   names = sorted(prompts)
@@ -126,9 +149,12 @@ def _decode_requests(net, params, rows, names, vocab, batch_size, input_length,
   """Predictions for all `rows`. With several processes each decodes every process_count-th
   batch on its own devices, and the token ids are gathered (one exchange per round)."""
   from jax.experimental import multihost_utils
+
+  from softprompt_jax.progress import Progress
   rank, world = jax.process_index(), jax.process_count()
   starts = list(range(0, len(rows), batch_size))
   texts = []
+  shown = Progress("infer", len(rows))  # stderr, process 0: stdout may carry the predictions
   for first in range(0, len(starts), world):
     round_starts = starts[first:first + world]
     ids_BxL = np.zeros((batch_size, target_length), np.int32)  # a process with no batch
@@ -141,6 +167,7 @@ def _decode_requests(net, params, rows, names, vocab, batch_size, input_length,
     for start, batch_ids in zip(round_starts, gathered):
       count = len(rows[start:start + batch_size])
       texts += [vocab.decode(row) for row in batch_ids[:count]]
+    shown.update(len(texts))  # the final line comes when all are done
   return texts
 
 
@@ -214,6 +241,7 @@ def interpret_prompt(*, model_dir: str, model: Optional[ModelSpec] = None, vocab
                      k: int = 5) -> list:
   """Nearest vocabulary tokens of each position of the run's prompt; writes
   MODEL_DIR/interpretation.json. The frozen model and vocabulary default to the run's own."""
+  cc.check("interpret", locals(), INTERPRET_RULES)
   values = _prompt_values(model_dir)
   if model is None or vocabulary is None:
     meta = _run_meta(model_dir)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softprompt_jax import config_checks as cc
 from softprompt_jax import output_files
 
 PromptInit = Callable[[jax.Array, tuple, jax.Array], jax.Array]
@@ -33,12 +34,28 @@ class PromptFileError(ValueError):
   """A prompt file that is not a plain float array (a pickle, an .npz, a truncated file)."""
 
 
+NUM_TOKENS = cc.integer(1)
+# What the initializers' gin-bound parameters accept (labels and vocabulary are passed by the
+# run, from the task and the model).
+INITIALIZER_RULES = {
+    "random_uniform": {"scale": cc.number(0, low_open=True)},
+    "sampled_vocab": {"num_tokens": NUM_TOKENS},
+    "class_labels": {"labels": cc.anything(), "vocabulary": cc.anything(),
+                     "num_tokens": NUM_TOKENS},
+    "from_text": {"text": cc.text(), "vocabulary": cc.anything(), "num_tokens": NUM_TOKENS},
+    "from_npy": {"path": cc.path(optional=True)},
+    "from_t5x_checkpoint": {"path": cc.path(), "variable": cc.text()},
+    "from_peft_adapter": {"path": cc.path()},
+}
+
+
 def random_uniform(scale: float = 0.5) -> PromptInit:
   """Uniform in [-scale, scale], the paper's random init (scale 0.5).
 
   Note: the official prompt-tuning code's `uniform(0.5)` is flax's uniform initializer, which
   draws from [0, 0.5) — a different, all-positive distribution. This one is symmetric.
   """
+  cc.check("prompts.random_uniform", locals(), INITIALIZER_RULES["random_uniform"])
 
   def init(rng, shape, embedding_VxH=None):
     del embedding_VxH
@@ -63,6 +80,7 @@ def sampled_vocab(num_tokens: int = 5000) -> PromptInit:
   SentencePiece orders pieces by score (about frequency), so the most frequent tokens are the
   lowest ids after pad/eos/unk; the paper uses the 5,000 most frequent.
   """
+  cc.check("prompts.sampled_vocab", locals(), INITIALIZER_RULES["sampled_vocab"])
 
   def init(rng, shape, embedding_VxH):
     _require_embedding(embedding_VxH, "sampled_vocab")
@@ -86,6 +104,7 @@ def class_labels(labels: Sequence[str], vocabulary, num_tokens: int = 5000) -> P
   The paper's best initialization. A prompt shorter than the label set is an error rather than
   a silent truncation of labels.
   """
+  cc.check("prompts.class_labels", locals(), INITIALIZER_RULES["class_labels"])
   label_ids = [vocabulary.encode(label) for label in labels]
   empty = [label for label, ids in zip(labels, label_ids) if not ids]
   if empty:
@@ -105,6 +124,7 @@ def class_labels(labels: Sequence[str], vocabulary, num_tokens: int = 5000) -> P
 
 def from_text(text: str, vocabulary, num_tokens: int = 5000) -> PromptInit:
   """First slots: the embeddings of `text`'s tokens in order (e.g. a written instruction)."""
+  cc.check("prompts.from_text", locals(), INITIALIZER_RULES["from_text"])
   ids = vocabulary.encode(text)
   if not ids:
     raise ValueError(f"from_text: {text!r} encodes to no tokens")
@@ -165,6 +185,7 @@ def check_fits(init: PromptInit, shape: tuple, vocab_size: int, emb_dim: int) ->
 
 def from_npy(path: Optional[str]) -> PromptInit:
   """A prompt saved as `.npy` float32 [P, H] (the released prompts' format); never unpickles."""
+  cc.check("prompts.from_npy", locals(), INITIALIZER_RULES["from_npy"])
   if path is None:
     raise PromptFileError("prompts.from_npy: no prompt file given; set PROMPT_FILE (or "
                           "prompts.from_npy.path) to a .npy [prompt_length, d_model] file")
@@ -173,6 +194,7 @@ def from_npy(path: Optional[str]) -> PromptInit:
 
 def from_peft_adapter(path: str) -> PromptInit:
   """The prompt of a PEFT prompt-tuning adapter directory (json + safetensors; never unpickles)."""
+  cc.check("prompts.from_peft_adapter", locals(), INITIALIZER_RULES["from_peft_adapter"])
   from softprompt_jax.peft_interop import load_peft_adapter
   return from_array(load_peft_adapter(path), source=str(path))
 
@@ -221,6 +243,7 @@ def save_npy(path: str, prompt_PxH) -> None:
 
 def from_t5x_checkpoint(path: str, variable: str = "prompt/prompt") -> PromptInit:
   """A prompt variable stored in a t5x checkpoint (e.g. a prompt-tuning run's output)."""
+  cc.check("prompts.from_t5x_checkpoint", locals(), INITIALIZER_RULES["from_t5x_checkpoint"])
   from softprompt_jax.checkpoints.prompt_variable import read_checkpoint_variable
   return from_array(read_checkpoint_variable(path, variable), source=f"{path} ({variable})")
 
