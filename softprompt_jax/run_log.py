@@ -107,7 +107,8 @@ class RunLog:
     # Resolved per call, not at import: a replaced sys.stderr (tests, notebooks) is followed.
     self._stream = stream if stream is not None else sys.stderr
     self._clock = clock
-    self._tty = tty if tty is not None else bool(getattr(stream, "isatty", lambda: False)())
+    # The stream in use, not the argument: by default (None) that is stderr, a terminal or not.
+    self._tty = tty if tty is not None else bool(getattr(self._stream, "isatty", lambda: False)())
     self._update_every_s = (update_every_s if update_every_s is not None
                             else 0.2 if self._tty else 30.0)
     self._samples = collections.deque(maxlen=window)  # (clock time, step, tokens so far)

@@ -176,7 +176,7 @@ def test_records_that_are_not_dicts_in_a_list_source():
 def test_nothing_left_after_skipping_is_a_clear_error(tmp_path):
   path = _write(tmp_path / "train.jsonl", b"{", b'{"sentence": ""}')
   with pytest.raises(DataError, match=re.escape(
-      f"task glue_sst2, split 'train': no examples in {tmp_path} (2 bad records skipped; first: "
+      f"glue_sst2: split 'train' has no examples in {tmp_path} (2 bad records skipped; first: "
       f"{path}:1: malformed JSON")):
     get_batches("glue_sst2", "train", VOCAB, source=tmp_path, bad_records="skip", **SIZES)
 
@@ -237,6 +237,9 @@ def test_train_skips_bad_records_and_reports_them_in_the_summary(tmp_path, capsy
   assert summary["data"]["num_examples"] == 16
   assert 3 <= summary["data"]["num_truncated_inputs"] < 16
   assert summary["final_eval"]["num_examples"] == 4.0
+  # The eval counts its cuts as training does: 3 of the first 4 validation texts are too long.
+  assert (summary["final_eval"]["num_truncated_inputs"],
+          summary["final_eval"]["num_truncated_targets"]) == (3.0, 0.0)
 
   # `eval` reads the validation file the same way: stop in one line, or skip and count.
   evaluate = ["eval", "--gin_file", "models/tiny.gin", "--gin_file", "runs/prompt_eval.gin",

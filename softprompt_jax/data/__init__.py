@@ -2,11 +2,12 @@
 readers, and the batch pipeline. Importing this package registers the built-in tasks."""
 
 from softprompt_jax.data import glue, superglue, synthetic  # noqa: F401  (registers tasks)
-from softprompt_jax.data.pipeline import Batch, BatchIterator, Stats, get_batches
+from softprompt_jax.data.pipeline import (Batch, BatchIterator, Stats, check_splits,
+                                          get_batches)
 from softprompt_jax.data.readers import DataError, load_split, read_records
 from softprompt_jax.data.tasks import (RecordError, Task, UnknownTaskError, get_task, list_tasks,
                                        register_task, taskless)
 
 __all__ = ["Batch", "BatchIterator", "DataError", "RecordError", "Stats", "Task",
-           "UnknownTaskError", "get_batches", "get_task", "list_tasks", "load_split",
-           "read_records", "register_task", "taskless"]
+           "UnknownTaskError", "check_splits", "get_batches", "get_task", "list_tasks",
+           "load_split", "read_records", "register_task", "taskless"]

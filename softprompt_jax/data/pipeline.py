@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from softprompt_jax.data import cache
 from softprompt_jax.data.readers import DataError, SkipLog, Source, load_split
 from softprompt_jax.data.tasks import RecordError, Task, get_task
 from softprompt_jax.tokenizers import Vocabulary, get_vocabulary, pad_batch
@@ -209,8 +210,9 @@ def _resolve_sources(tasks: Sequence[Task], source) -> list[Source]:
     sources = [source] if len(tasks) == 1 else [None] * len(tasks)
   for task, src in zip(tasks, sources):
     if src is None and task.source is None:
-      raise ValueError(f"task {task.name} has no built-in data: pass source= (a file, a "
-                       "directory, or a dict of them by split)")
+      # A DataError: on the command line this is a missing DATA, a user's error.
+      raise DataError(f"task {task.name} has no built-in data: pass source= (DATA on the "
+                      "command line: a file, a directory, or a dict of them by split)")
   return [task.source if src is None else src for task, src in zip(tasks, sources)]
 
 
@@ -228,9 +230,33 @@ def load_examples(task: Task, split: str, source: Source, *, training: bool,
   """The formatted examples of a split, each with "task" and "record_index".
 
   A bad record raises a DataError / RecordError naming its file, line and field; with `skip`,
-  it is left out and counted there instead.
+  it is left out and counted there instead. Examples read from files are cached (data.cache):
+  a run reads each split once.
   """
-  skipped_before = skip.num_skipped if skip is not None else 0
+  key = cache.files_key(source, split)
+  if key is not None:
+    try:
+      key = (task, split, key, training, require_label, skip is not None)
+      hash(key)
+    except TypeError:  # a task holding something unhashable: read it every time
+      key = None
+  cached = cache.get(key)
+  if cached is None:
+    own_skip = SkipLog() if skip is not None else None
+    cached = (_read_examples(task, split, source, training=training,
+                             require_label=require_label, skip=own_skip), own_skip)
+    cache.put(key, cached)
+  examples, skipped = cached
+  if skip is not None:  # the bad records of this split, counted in the caller's log
+    skip.num_skipped += skipped.num_skipped
+    for reason, count in skipped.by_reason.items():
+      skip.by_reason[reason] = skip.by_reason.get(reason, 0) + count
+    skip.first += skipped.first[:max(0, skip.max_first - len(skip.first))]
+  return list(examples)
+
+
+def _read_examples(task: Task, split: str, source: Source, *, training: bool,
+                   require_label: bool, skip: SkipLog | None) -> list[dict]:
   try:
     data = load_split(source, split, skip)
   except DataError as e:
@@ -248,12 +274,33 @@ def load_examples(task: Task, split: str, source: Source, *, training: bool,
       continue
     examples += [{**ex, "task": task.name, "record_index": i} for ex in formatted]
   if not examples:
-    where = f" in {source}" if isinstance(source, (str, os.PathLike)) else ""
-    num_skipped = skip.num_skipped - skipped_before if skip is not None else 0
+    split_source = source.get(split) if isinstance(source, dict) else source
+    where = f" in {split_source}" if isinstance(split_source, (str, os.PathLike)) else ""
+    num_skipped = skip.num_skipped if skip is not None else 0
     skipped = (f" ({num_skipped} bad record{'s' * (num_skipped != 1)} skipped; first: "
                f"{skip.first[0] if skip.first else '-'})" if num_skipped else "")
-    raise DataError(f"task {task.name}, split {split!r}: no examples{where}{skipped}")
+    raise DataError(f"{task.name}: split {split!r} has no examples{where}{skipped}")
   return examples
+
+
+def check_splits(task: str | Task, source: Source = None, *, train: str | None = "train",
+                 evals: Sequence[str] = ("validation",), bad_records: str = "error"
+                 ) -> dict[str, int]:
+  """Reads and formats every record of the splits a run will use, as it will use them (the
+  training split as training data, each eval split with its labels required unless it is a
+  test split, the same bad-records policy), so that a bad record or an empty split stops the
+  run before its first step instead of at its first evaluation. Tokenizes nothing; the
+  examples stay cached for the run's iterators. Returns the number of examples of each split.
+  """
+  check_bad_records(bad_records)
+  task = get_task(task)
+  (source,) = _resolve_sources([task], source)
+  skip = SkipLog() if bad_records == "skip" else None
+  splits = ([(train, True, True)] if train is not None else []) + [
+      (split, False, not split.startswith("test")) for split in evals]
+  return {split: len(load_examples(task, split, source, training=training,
+                                   require_label=require_label, skip=skip))
+          for split, training, require_label in dict.fromkeys(splits)}
 
 
 def get_batches(task: str | Task | Sequence[str | Task], split: str,

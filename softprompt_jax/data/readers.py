@@ -108,6 +108,29 @@ def _lone_surrogate(value) -> str | None:
   return None
 
 
+class _DuplicateKey(Exception):
+  def __init__(self, key: str):
+    super().__init__(key)
+    self.key = key
+
+
+def _object_once_per_key(pairs: list[tuple[str, Any]]) -> dict:
+  """A JSON object as a dict; a key given twice raises (json.loads would keep the last value
+  without a word, so a record would silently lose data)."""
+  record = dict(pairs)
+  if len(record) != len(pairs):
+    seen = set()
+    for key, _ in pairs:
+      if key in seen:
+        raise _DuplicateKey(key)
+      seen.add(key)
+  return record
+
+
+# One decoder for every line: json.loads with a hook would build a new one per call.
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=_object_once_per_key)
+
+
 def _located_jsonl(path: pathlib.Path, on_bad: OnBadRecord = None) -> Iterator[Located]:
   for number, line, invalid in _lines(path):
     where = f"{path}:{number}"
@@ -117,7 +140,12 @@ def _located_jsonl(path: pathlib.Path, on_bad: OnBadRecord = None) -> Iterator[L
     if not line.strip():
       continue
     try:
-      record = json.loads(line)
+      record = _JSON_DECODER.decode(line)
+    except _DuplicateKey as e:
+      _bad_record(DataError(f"{where}: the key {e.key!r} appears twice in one JSON object; "
+                            "keep one (a reader would silently use only the last)",
+                            "duplicate_key"), on_bad)
+      continue
     except json.JSONDecodeError as e:
       _bad_record(DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})",
                             "malformed_json"), on_bad)
@@ -138,6 +166,18 @@ def _located_jsonl(path: pathlib.Path, on_bad: OnBadRecord = None) -> Iterator[L
     yield where, record
 
 
+def _checked_header(names: list[str], where: str, part: str = "header") -> list[str]:
+  """The column names of a header row (or schema); a name given twice is an error about the
+  whole file, never skipped: every row would keep only the last of the two cells."""
+  seen = set()
+  for name in names:
+    if name in seen and name.strip():  # unnamed columns (trailing tabs) are read by no task
+      raise DataError(f"{where}: the column {name!r} appears twice in the {part}; rename one "
+                      "(each row would keep only the last of the two)")
+    seen.add(name)
+  return names
+
+
 def _located_tsv(path: pathlib.Path, on_bad: OnBadRecord = None) -> Iterator[Located]:
   # GLUE's TSVs quote nothing: a quote character is text (as TFDS reads them, QUOTE_NONE).
   header = None
@@ -152,7 +192,7 @@ def _located_tsv(path: pathlib.Path, on_bad: OnBadRecord = None) -> Iterator[Loc
       continue
     cells = line.split("\t")
     if header is None:
-      header = cells
+      header = _checked_header(cells, where)
       continue
     if len(cells) != len(header):
       _bad_record(DataError(f"{where}: {len(cells)} tab-separated fields, but the header has "
@@ -190,7 +230,7 @@ def _located_csv(path: pathlib.Path, on_bad: OnBadRecord = None) -> Iterator[Loc
                   on_bad)
       continue
     if header is None:
-      header = cells
+      header = _checked_header(cells, where)
       continue
     if len(cells) != len(header):
       _bad_record(DataError(f"{where}: {len(cells)} fields, but the header has "
@@ -207,6 +247,8 @@ _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a non
 def _located_table_batches(path: pathlib.Path, batches) -> Iterator[Located]:
   row = 0
   for batch in batches:
+    if row == 0:
+      _checked_header(batch.schema.names, str(path), "schema")
     for record in batch.to_pylist():
       yield f"{path} row {row}", record
       row += 1
@@ -369,8 +411,8 @@ def load_split(source: Source, split: str, on_bad: OnBadRecord = None) -> Split:
   elif isinstance(source, Sequence):
     located = [(f"record {i}", r) for i, r in enumerate(source)]
   else:
-    raise TypeError(f"a data source is a path, a list of records, a callable(split) or a dict "
-                    f"of those by split; got {type(source).__name__}")
+    raise DataError(f"a data source is a path, a list of records, a callable(split) or a dict "
+                    f"of those by split; got {type(source).__name__} {source!r:.60}")
   kept = []
   for where, record in located:
     if isinstance(record, dict):

@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from softprompt_jax import metrics
+from softprompt_jax.data.readers import DataError
 from softprompt_jax.data.tasks import (Task, class_id_postprocessor, field,
                                        identity_postprocessor, label_target, register_task)
 
@@ -78,7 +79,8 @@ def synthetic_source(name: str, sizes: dict[str, int] | None = None, seed: int =
 
   def source(split: str) -> list[dict]:
     if split not in sizes:
-      raise ValueError(f"unknown split {split!r} for synthetic data; one of {sorted(sizes)}")
+      # A DataError (a user's error), as a directory without the split gives.
+      raise DataError(f"synthetic data has no split {split!r}; it has {sorted(sizes)}")
     return make_records(name, split, sizes[split], seed, **options)
   return source
 
