@@ -15,7 +15,7 @@ from softprompt_jax import decoding, interpret, output_files, prompts
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
 from softprompt_jax.trainer import (CHECKPOINT_SUBDIR, PROMPT_FILE, ConfigError,
-                                    _check_vocabulary_fits, _config_of, checked_bad_records,
+                                    _check_vocabulary_fits, _config_of,
                                     load_vocabulary, run_eval, run_prompt, setup_run)
 
 _PROMPT_SOURCES = "a .npy file, a PEFT adapter directory or a run directory"
@@ -83,8 +83,9 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
   source = prompt_file or model_dir
   if source is None:
     raise ConfigError("evaluate needs a prompt: set PROMPT_FILE or --model_dir")
-  checked_bad_records(bad_records)
   task = get_task(task)  # before reading anything
+  from softprompt_jax.data import pipeline
+  pipeline.check_splits(task, data_source, train=None, evals=(split,), bad_records=bad_records)
   values = _prompt_values(source)
   setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=values.shape[0],
                     prompt_init=prompts.random_uniform, placement="prepend", trainable=(".*",),
