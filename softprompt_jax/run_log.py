@@ -6,22 +6,28 @@ the other functions here read back. A restart writes a start marker (`{"event": 
 s, ...}`), and `read_metrics` drops what the crashed run logged past step s, since the resumed run
 logs those steps again. TensorBoard gets the same scalars, one subdirectory per split, so train
 and validation curves of the same tag overlay.
+
+Every file here is written in the caller's thread, and an OSError names the file (a write() on a
+full disk names none), so a full or read-only disk stops the run with one line. Whole files
+(summary, curves, the run's gin records) are replaced atomically: whole or not there.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import json
 import math
 import numbers
 import os
+import socket
 import sys
-import tempfile
 import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, TextIO
+from typing import Callable, Iterator, Optional, TextIO, Union
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -122,16 +128,18 @@ class RunLog:
     # A crash mid-write leaves a line without its newline; start a fresh line instead of gluing
     # this run's first record onto that fragment.
     needs_newline = path.exists() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
-    self._jsonl = open(path, "a", encoding="utf-8")
-    if needs_newline:
-      self._jsonl.write("\n")
+    self._jsonl_path = path
+    with naming(path):
+      self._jsonl = open(path, "a", encoding="utf-8")
+      if needs_newline:
+        self._jsonl.write("\n")
     self._append({"step": self.start_step, "event": "start", "total_steps": self.total_steps,
                    "time": time.time()})
 
     self._tensorboard = tensorboard
-    self._writers = {}
-    # Unique per writer: tensorboardX names event files by the second and host, and opens them
-    # with "wb", so two writers started within a second in one directory would clobber each other.
+    self._writers: dict[str, _EventFile] = {}
+    # Unique per writer: event files are named by the second and host and opened with "wb", so
+    # two writers started within a second in one directory would clobber each other.
     self._writer_suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
   # ------------------------------------------------------------------------------------------
@@ -152,11 +160,9 @@ class RunLog:
                   "tokens_per_s": tokens_per_s, "time": time.time()})
     writer = self._writer(TRAIN)
     if writer is not None:
-      for name, value in metrics.items():
-        writer.add_scalar(name, value, step)
-      if steps_per_s is not None:
-        writer.add_scalar("steps_per_s", steps_per_s, step)
-        writer.add_scalar("tokens_per_s", tokens_per_s, step)
+      rates = {} if steps_per_s is None else {"steps_per_s": steps_per_s,
+                                               "tokens_per_s": tokens_per_s}
+      writer.add_scalars({**metrics, **rates}, step)
     self._show_progress(step, metrics, now)
 
   def log_eval(self, step: int, metrics: dict[str, float], split: str = "validation") -> None:
@@ -171,8 +177,7 @@ class RunLog:
     self._append({"step": step, "split": split, **metrics, "time": time.time()})
     writer = self._writer(split)
     if writer is not None:
-      for name, value in metrics.items():
-        writer.add_scalar(name, value, step)
+      writer.add_scalars(metrics, step)
       writer.flush()  # evaluations are rare and the ones worth seeing right away
     self.message(f"{split} @ step {step}: {_format_metrics(metrics)}")
     # Restart the throughput measurement at the next log_train, excluding the evaluation time.
@@ -190,6 +195,10 @@ class RunLog:
     self._stream.flush()
 
   def close(self) -> None:
+    """Flushes and closes every file, each even when another fails. The first failure is
+    raised, unless an error is already on its way up (close called from a `finally`): that one
+    says what stopped the run, and is not to be replaced by a consequence (a full disk failing
+    the last flush too)."""
     if not self.enabled or self._closed:
       return
     self._closed = True
@@ -197,9 +206,17 @@ class RunLog:
       self._stream.write("\n")  # leave the last progress line on screen
       self._stream.flush()
       self._bar = ""
-    for writer in self._writers.values():
-      writer.close()
-    self._jsonl.close()
+    propagating = sys.exc_info()[1] is not None
+    first = None
+    for path, file in [*((w.path, w) for w in self._writers.values()),
+                       (self._jsonl_path, self._jsonl)]:
+      try:
+        with naming(path):
+          file.close()
+      except OSError as error:
+        first = first or error
+    if first is not None and not propagating:
+      raise first
 
   def __enter__(self) -> RunLog:
     return self
@@ -212,19 +229,19 @@ class RunLog:
 
   def _append(self, record: dict) -> None:
     # One write per record, so a crash can only truncate the last line.
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    with naming(self._jsonl_path):
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
 
-  def _writer(self, split: str):
+  def _writer(self, split: str) -> Optional[_EventFile]:
     if not self._tensorboard:
       return None
     if split not in self._writers:
-      from tensorboardX import SummaryWriter  # slow to import; only the primary host needs it
       # purge_step hides what a crashed run logged past the resumed checkpoint, as read_metrics
       # does for the JSONL.
-      self._writers[split] = SummaryWriter(
-          str(self.run_dir / "tensorboard" / split), purge_step=self.start_step + 1,
-          flush_secs=30, filename_suffix=self._writer_suffix)
+      self._writers[split] = _EventFile(self.run_dir / "tensorboard" / split,
+                                        purge_step=self.start_step + 1,
+                                        suffix=self._writer_suffix)
     return self._writers[split]
 
   def _measure(self) -> tuple[float, float] | None:
@@ -261,6 +278,71 @@ class RunLog:
     else:
       self._stream.write(line + "\n")
     self._stream.flush()
+
+
+class _EventFile:
+  """One TensorBoard event file (TFRecord-framed `Event` protos), written in the caller's thread.
+
+  tensorboardX's SummaryWriter writes from a thread of its own: a full disk there is a traceback
+  on stderr while training goes on (and its bounded queue, once the thread is dead, blocks
+  logging for good). Here a failed write is an OSError where the scalar is logged, naming the
+  file. Flushed when asked (evaluations), every `flush_every_s` and on close.
+  """
+
+  def __init__(self, directory: Path, *, purge_step: int, suffix: str,
+               flush_every_s: float = 30.0):
+    from tensorboardX.proto.event_pb2 import Event, SessionLog  # slow; the primary host's only
+    from tensorboardX.record_writer import RecordWriter
+    from tensorboardX.summary import scalar
+    self._event, self._scalar = Event, scalar
+    self._flush_every_s = flush_every_s
+    self.path = directory / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}{suffix}"
+    with naming(self.path):
+      directory.mkdir(parents=True, exist_ok=True)
+      self._records = RecordWriter(str(self.path))
+      # As SummaryWriter(purge_step=...) starts a file: TensorBoard then drops the events an
+      # earlier file holds from purge_step on.
+      self._write(Event(step=purge_step, file_version="brain.Event:2"))
+      self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+      self.flush()
+
+  def add_scalars(self, values: dict[str, float], step: int) -> None:
+    with naming(self.path):
+      for name, value in values.items():
+        self._write(self._event(step=int(step), summary=self._scalar(name, value)))
+      if time.monotonic() - self._flushed >= self._flush_every_s:
+        self.flush()
+
+  def flush(self) -> None:
+    with naming(self.path):
+      self._records.flush()  # and fsync
+    self._flushed = time.monotonic()
+
+  def close(self) -> None:
+    try:
+      self.flush()
+    finally:
+      self._records.close()
+
+  def _write(self, event) -> None:
+    event.wall_time = time.time()
+    self._records.write(event.SerializeToString())
+
+
+@contextlib.contextmanager
+def naming(path, *, instead_of_any: bool = False) -> Iterator[None]:
+  """An OSError that names no file (a write() or flush on a full disk) gets `path`, so the one
+  line the user sees says which file could not be written; `instead_of_any`: also one that
+  names another (a temporary file standing in for `path`)."""
+  try:
+    yield
+  except OSError as error:
+    path = os.fspath(path)
+    if error.errno is None or error.filename == path or (error.filename is not None
+                                                         and not instead_of_any):
+      raise
+    # OSError(errno, ...) is the subclass the errno calls for, as the original was.
+    raise OSError(error.errno, error.strerror or os.strerror(error.errno), path) from error
 
 
 def _last_byte(path: Path) -> bytes:
@@ -391,16 +473,9 @@ def plot_curves(run_dir, png_path=None, metric: str | None = None, *,
   for axes in (train_axes, eval_axes):
     axes.grid(alpha=0.3)
 
-  png_path.parent.mkdir(parents=True, exist_ok=True)
-  # Rendered beside the target and renamed, so a viewer never sees a half-written image.
-  fd, tmp = tempfile.mkstemp(suffix=".png", dir=png_path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      figure.savefig(f, format="png", dpi=100)
-    os.replace(tmp, png_path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  image = io.BytesIO()
+  figure.savefig(image, format="png", dpi=100)
+  write_file(png_path, image.getvalue())  # a viewer never sees a half-written image
   return png_path
 
 
@@ -413,6 +488,28 @@ def _json_default(value):
   raise TypeError(f"{type(value).__name__} is not JSON serializable: {value!r}")
 
 
+def write_file(path, data: Union[str, bytes]) -> Path:
+  """Writes `path` atomically: a temporary file beside it, fsynced, renamed over it. Whatever
+  stops the write (a full disk, a kill), the path holds the old file or the new one, never a
+  part, and the temporary file is removed where the disk allows. An OSError names `path`."""
+  path = Path(path)
+  data = data.encode("utf-8") if isinstance(data, str) else data
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+  with naming(path, instead_of_any=True):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      with open(tmp, "xb") as f:  # mode 0o666 less the umask, as a plain open() gives
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not land before the data
+      os.replace(tmp, path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+      raise
+  return path
+
+
 def write_summary(run_dir, summary: dict, *, stream: Optional[TextIO] = None) -> Path:
   """Write `run_dir/summary.json` atomically and print a one-line summary of it to `stream`.
 
@@ -420,19 +517,9 @@ def write_summary(run_dir, summary: dict, *, stream: Optional[TextIO] = None) ->
   and "best_metric" with "best_value" and "best_step"; the file holds all of `summary`.
   """
   run_dir = Path(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
   path = run_dir / SUMMARY_FILE
   text = json.dumps(summary, indent=2, default=_json_default) + "\n"  # fails before any write
-  fd, tmp = tempfile.mkstemp(prefix=f".{SUMMARY_FILE}.", dir=run_dir)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())  # the rename must not land before the data
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  write_file(path, text)
 
   parts = []
   if "steps" in summary:

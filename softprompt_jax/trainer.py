@@ -476,8 +476,10 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
     if primary:
       if best_prompt is not None:
         prompts.save_npy(model_dir / PROMPT_FILE, best_prompt)
-      write_summary(model_dir, summary)
       plot_curves(model_dir)
+      # Last: the summary marks the run complete (completed_summary), so a write that fails
+      # before it (a full disk) leaves a run that the same command finalizes from its checkpoints.
+      write_summary(model_dir, summary)
   checkpoints.close()
   return summary
 

@@ -9,14 +9,26 @@ previous checkpoints intact and the partial one invisible. After the rename, a s
 file goes into the step's `sha256sums.json`; a step whose files no longer match (a damaged disk,
 a half-copied directory) or that fails to restore is reported, moved aside to
 `damaged-<step>-<time>` (never deleted) and the previous good step is used instead.
+
+A save that fails (a full or read-only disk) raises an OSError naming the step, after orbax's
+background writes have stopped and its temporary directory is removed: the steps saved before
+stay as they were, and nothing partial is left to take space or be mistaken for a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
 import hashlib
 import json
+import logging
 import os
 import pathlib
+import re
+import shutil
+import sys
+import threading
 import time
 import warnings
 from typing import Any, Optional
@@ -33,6 +45,14 @@ from softprompt_jax.pretrained import sha256
 _FULL_HASH_LIMIT = 64 * 2 ** 20
 _BLOCK = 16 * 2 ** 20
 INTEGRITY_FILE = "sha256sums.json"
+# How long a failed save waits for orbax's other background writes to stop before it reports.
+_SAVE_THREADS_TIMEOUT_S = 60
+# ... and for tensorstore's last writes to settle before the partial step is removed.
+_SETTLE_TIMEOUT_S = 10
+# A disk or directory that refuses writes: full, over quota, read-only, not ours to write.
+_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# Tensorstore (orbax's array writer) reports an OS error as a ValueError ending in this.
+_TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
 
 
 def _file_digests(step_dir: pathlib.Path) -> dict[str, str]:
@@ -89,13 +109,69 @@ class PromptCheckpoints:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_position),
                               meta=ocp.args.JsonSave({**meta, "metrics": clean}))
-    self._manager.save(step, args=args, metrics=clean, force=True)
-    self._manager.wait_until_finished()
+    step_dir = self.directory / str(step)
+    before = set(threading.enumerate())
+    with _held_thread_errors() as held, _quiet_closed_loops():
+      try:
+        self._manager.save(step, args=args, metrics=clean, force=True)
+        self._manager.wait_until_finished()
+      except BaseException as error:  # an interrupt too: the partial step is not left behind
+        # orbax re-raises the first failed write while its other writes go on in threads.
+        self._stop_failed_save(step, before)
+        refused = _refused_write(error, step_dir) if isinstance(error, Exception) else None
+        if refused is None:
+          held.replay()
+          raise
+        _quiet_abandoned_futures()
+        raise refused from error
+      held.replay()
     if jax.process_index() == 0:
-      step_dir = self.directory / str(step)
       tmp = step_dir / (INTEGRITY_FILE + ".tmp")
-      tmp.write_text(json.dumps(_file_digests(step_dir), indent=0))
-      os.replace(tmp, step_dir / INTEGRITY_FILE)  # atomic: the file is whole or absent
+      try:
+        tmp.write_text(json.dumps(_file_digests(step_dir), indent=0))
+        os.replace(tmp, step_dir / INTEGRITY_FILE)  # atomic: the file is whole or absent
+      except OSError as error:
+        # The step itself is complete (orbax renamed it): it stays, restorable, unverified.
+        with contextlib.suppress(OSError):
+          tmp.unlink(missing_ok=True)
+        refused = _refused_write(error, step_dir / INTEGRITY_FILE)
+        if refused is None:
+          raise
+        raise refused from error
+
+  def _stop_failed_save(self, step: int, before: set) -> None:
+    """Waits for the background writes of a failed save to stop, then removes its temporary
+    directory: a partial step is never a checkpoint, it only takes space the user is freeing,
+    and a write landing late must not meet the next save of this step in the same directory."""
+    deadline = time.monotonic() + _SAVE_THREADS_TIMEOUT_S
+    while True:  # a finishing thread may start another (orbax's executors)
+      running = [t for t in set(threading.enumerate()) - before if t.is_alive()]
+      if not running or time.monotonic() >= deadline:
+        break
+      for thread in running:
+        # Thread's own join: orbax's re-raises what the thread raised.
+        threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+    # (Still writing after all that: orbax removes the directory when it saves this step again.)
+    if not running and jax.process_index() == 0:
+      self._remove_partial(step)
+    gc.collect()  # the futures the failed writes left, while their complaints are held
+
+  def _remove_partial(self, step: int) -> None:
+    """Removes the temporary directory of `step` once tensorstore's own writes (C++, in no
+    Python thread) have stopped landing in it."""
+    deadline = time.monotonic() + _SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+      partial = list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+      if not partial:
+        return
+      if not _settled(partial):
+        continue
+      try:
+        for path in partial:
+          shutil.rmtree(path)
+      except OSError as error:  # a late write (not empty) is waited for; otherwise it stays
+        if error.errno not in (errno.ENOTEMPTY, errno.ENOENT):
+          return  # (a read-only disk): orbax never lists it, and removes it when it can
 
   def damage(self, step: int) -> Optional[str]:
     """Why `step`'s files are not the ones saved (one line), or None when they are (or when the
@@ -193,6 +269,111 @@ class PromptCheckpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _settled(paths, quiet_s: float = 0.2) -> bool:
+  """Whether nothing under `paths` changes (names, sizes, times) for `quiet_s`."""
+  def listing():
+    return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for path in paths
+            for p in [path, *path.rglob("*")] if p.exists()}
+  try:
+    first = listing()
+    time.sleep(quiet_s)
+    return listing() == first
+  except OSError:  # a file went away while listed: still changing
+    return False
+
+
+def _refused_write(error: BaseException, path) -> Optional[OSError]:
+  """The refusal (see _REFUSED) behind a write that failed, as an OSError naming `path` where
+  the OS named no file (a write(), a library's message): an OSError in `error`'s chain (orbax
+  re-raises its threads' errors, sometimes wrapped), or tensorstore's ValueError ending in its
+  os_error_code. None for any other error, which is not to pass for a full disk."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None:
+      found = _TENSORSTORE_OS_ERROR.search(str(error))
+      code = int(found.group(1)) if found else None
+    if code in _REFUSED:
+      filename = getattr(error, "filename", None) or os.fspath(path)
+      return OSError(code, os.strerror(code), filename)  # the subclass for the errno, as open()
+    error = error.__cause__ or error.__context__
+  return None
+
+
+class _HeldRecords(logging.Filter):
+  """Holds the errors orbax's threads log (with a traceback apiece) and those asyncio logs for
+  the futures a failed write leaves behind; `replay` logs them after all. A save the disk
+  refused drops them: its caller reports that in one line."""
+
+  def __init__(self, loggers: list[logging.Logger]):
+    super().__init__()
+    self.loggers, self.records = loggers, []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and record.exc_info:
+      self.records.append(record)
+      return False
+    return True
+
+  def release(self) -> None:
+    for logger in self.loggers:
+      logger.removeFilter(self)
+
+  def replay(self) -> None:
+    self.release()
+    for record in self.records:
+      logging.getLogger(record.name).handle(record)
+    self.records = []
+
+
+@contextlib.contextmanager
+def _held_thread_errors():
+  held = _HeldRecords([logging.getLogger("absl"), logging.getLogger("asyncio")])
+  for logger in held.loggers:
+    logger.addFilter(held)
+  try:
+    yield held
+  finally:
+    held.release()
+
+
+class _AbandonedWriteErrors(logging.Filter):
+  """Drops asyncio's "exception was never retrieved" for a future whose write the disk refused:
+  orbax abandons those when its first write fails, and that failure has been reported; the
+  traceback would come whenever the future is collected (often at exit)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exception = record.exc_info[1] if record.exc_info else None
+    return (exception is None or "never retrieved" not in str(record.msg)
+            or _refused_write(exception, "") is None)
+
+
+_ABANDONED_WRITE_ERRORS = _AbandonedWriteErrors()
+
+
+def _quiet_abandoned_futures() -> None:
+  logging.getLogger("asyncio").addFilter(_ABANDONED_WRITE_ERRORS)  # once: a filter set
+
+
+@contextlib.contextmanager
+def _quiet_closed_loops():
+  """After a failed write orbax closes its event loop while tensorstore still holds callbacks
+  into it; each then fails with "Event loop is closed", printed as an unraisable exception (a
+  traceback) although nothing more is lost. Those are dropped; any other is printed."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(unraisable)
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
 
 
 def abstract_like(tree):
