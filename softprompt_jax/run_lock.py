@@ -8,6 +8,7 @@ between hosts it guards against a second run on the same host only.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -65,7 +66,10 @@ class RunLock:
   def release(self) -> None:
     if self._fd is None:
       return
-    self.path.unlink(missing_ok=True)  # before unlocking: a waiting process then re-checks
+    # Before unlocking: a waiting process then re-checks. A read-only disk keeps the file; the
+    # lock itself ends with the descriptor, so the file never blocks a resume.
+    with contextlib.suppress(OSError):
+      self.path.unlink(missing_ok=True)
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None

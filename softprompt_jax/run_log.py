@@ -427,7 +427,9 @@ def _eval_metric_names(records: list[dict]) -> list[str]:
   names = []
   for record in records:
     for name, value in record.items():
-      if name not in _RESERVED and _finite(value) and name not in names:
+      # Counts (num_examples, num_truncated_inputs, …) describe the data, not the prompt.
+      if (name not in _RESERVED and not name.startswith("num_") and _finite(value)
+          and name not in names):
         names.append(name)
   return names
 

@@ -87,16 +87,6 @@ def load_vocabulary(spec):
     raise ConfigError(str(e)) from None
 
 
-def checked_bad_records(bad_records: str) -> str:
-  """`bad_records` if valid, else a ConfigError before any work."""
-  from softprompt_jax.data import pipeline
-  try:
-    pipeline.check_bad_records(bad_records)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  return bad_records
-
-
 def _check_vocabulary_fits(vocabulary, config):
   if vocabulary.vocab_size > config.vocab_size:
     raise ConfigError(f"the vocabulary has {vocabulary.vocab_size} ids but the model's embedding "
@@ -305,7 +295,11 @@ TRAIN_RULES = {
     "loss_normalizer": cc.Rule("'num_real_target_tokens', 'sum' or a number > 0",
                                lambda v: v in ("num_real_target_tokens", "sum")
                                or cc.number(0, low_open=True).test(v)),
-    "eval_every": cc.POSITIVE, "eval_split": cc.text(),
+    "eval_every": cc.POSITIVE,
+    # Its logs go to a directory of that name beside train's.
+    "eval_split": cc.Rule("a split name other than 'train' (no '/')",
+                          lambda v: (cc.text().test(v) and v != "train" and "/" not in v
+                                     and v not in (".", ".."))),
     "eval_max_examples": cc.integer(1, optional=True), "best_metric": cc.text(optional=True),
     "best_mode": cc.one_of("max", "min"), "keep_checkpoints": cc.POSITIVE,
     "num_partitions": cc.POSITIVE, "mesh_shape": cc.integers(1, optional=True),
@@ -498,6 +492,11 @@ def completed_summary(model_dir: pathlib.Path, num_steps: int,
   if not isinstance(summary, dict) or not isinstance(summary.get("steps"), int):
     return None
   if summary["steps"] < num_steps or (prompt_length and not (model_dir / PROMPT_FILE).is_file()):
+    return None
+  # A run recorded by the command line (config.gin) has its operative config among its results;
+  # without it (a full disk stopped that last write) the same command finalizes the run again
+  # from its checkpoints, so the operative config written is the run's, not a no-op rerun's.
+  if (model_dir / "config.gin").is_file() and not (model_dir / "operative_config.gin").is_file():
     return None
   return summary
 

@@ -93,7 +93,9 @@ class PromptCheckpoints:
                                  reverse=best_mode == "min", n=1,
                                  keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policies.AnyPreservationPolicy(keep), create=True,
+        # create=False: the directory comes with the first save, so a run that stops before
+        # it leaves no empty checkpoints/ behind.
+        preservation_policy=policies.AnyPreservationPolicy(keep), create=False,
         enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "meta"))
