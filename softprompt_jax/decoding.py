@@ -15,38 +15,43 @@ V vocabulary, K beams, C candidates.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+# Scoring feeds the targets shifted right; kept importable here as `decoding.shift_right`.
+from softprompt_jax.t5 import shift_right
+
+Params = dict[str, Any]
+Cache = dict[str, Any]
+# Traced settings: a Python number or a scalar array.
+Scalar = Union[float, int, jax.Array]
 
 # Finite "minus infinity" for beam scores (t5x's value): sums of it never turn into NaN.
 NEG_INF = -1.0e7
 
 
-def brevity_penalty(alpha, length):
+def brevity_penalty(alpha: Scalar, length: Scalar) -> Scalar:
   """t5x's (GNMT) length normalisation: a finished beam's score is log p / this."""
   return ((5.0 + length) / 6.0) ** alpha
-
-
-def shift_right(target_tokens_BxS: jax.Array) -> jax.Array:
-  """Teacher-forced decoder inputs: the targets delayed one step behind the start token 0."""
-  return jnp.pad(target_tokens_BxS[:, :-1], ((0, 0), (1, 0)))
 
 
 # --------------------------------------------------------------------------------------------
 # Model calls (usable under jit; the public decoders below are already jitted)
 
 
-def encode(model: nn.Module, params, encoder_input_tokens_BxT, **encoder_kwargs):
+def encode(model: nn.Module, params: Params, encoder_input_tokens_BxT: jax.Array,
+           **encoder_kwargs: Any) -> tuple[jax.Array, jax.Array]:
   """(encoded [B, T', H], encoder_valid [B, T']) from `model.encode`; T' includes any prompt."""
   return model.apply({"params": params}, encoder_input_tokens_BxT, method="encode",
                      **encoder_kwargs)
 
 
-def init_cache(model: nn.Module, params, encoded_BxTxH, encoder_valid_BxT,
-               max_decode_length: int):
+def init_cache(model: nn.Module, params: Params, encoded_BxTxH: jax.Array,
+               encoder_valid_BxT: jax.Array, max_decode_length: int) -> Cache:
   """An empty self-attention KV cache for B sequences of up to `max_decode_length` tokens.
 
   A decode=True call on full-length dummy inputs only shapes the cache (its logits are unused,
@@ -59,8 +64,9 @@ def init_cache(model: nn.Module, params, encoded_BxTxH, encoder_valid_BxT,
   return variables["cache"]
 
 
-def decode_step(model: nn.Module, params, cache, encoded_BxTxH, encoder_valid_BxT, tokens_B,
-                max_decode_length: int):
+def decode_step(model: nn.Module, params: Params, cache: Cache, encoded_BxTxH: jax.Array,
+                encoder_valid_BxT: jax.Array, tokens_B: jax.Array,
+                max_decode_length: int) -> tuple[jax.Array, Cache]:
   """One cached decoder step: the previous tokens [B] -> (next-token logits [B, V], cache)."""
   logits_Bx1xV, variables = model.apply(
       {"params": params, "cache": cache}, encoded_BxTxH, encoder_valid_BxT, tokens_B[:, None],
@@ -81,7 +87,8 @@ class _SampleState(NamedTuple):
   rng: jax.Array
 
 
-def filter_logits(logits_BxV, temperature=1.0, top_k=0, top_p=1.0):
+def filter_logits(logits_BxV: jax.Array, temperature: Scalar = 1.0, top_k: Scalar = 0,
+                  top_p: Scalar = 1.0) -> jax.Array:
   """Logits divided by `temperature`, with tokens outside the top-k and the nucleus at -inf.
 
   Order as transformers' logits warpers: temperature, then top-k (0: off), then top-p (1: off),
@@ -104,23 +111,25 @@ def filter_logits(logits_BxV, temperature=1.0, top_k=0, top_p=1.0):
 # Greedy decoding and every sampling setting share one compiled program per shape: the choice
 # of token is a traced switch, so sweeping temperature / top-k / top-p never recompiles.
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "eos_id"))
-def _sample_jit(model, params, encoder_input_tokens_BxT, encoder_kwargs, rng, greedy,
-                temperature, top_k, top_p, *, max_decode_length, eos_id):
+def _sample_jit(model: nn.Module, params: Params, encoder_input_tokens_BxT: jax.Array,
+                encoder_kwargs: dict[str, Any], rng: jax.Array, greedy: bool,
+                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
+                max_decode_length: int, eos_id: int) -> jax.Array:
   encoded, valid = encode(model, params, encoder_input_tokens_BxT, **encoder_kwargs)
   batch = encoder_input_tokens_BxT.shape[0]
   use_argmax = greedy | (temperature <= 0)
 
-  def argmax(logits_BxV, _):
+  def argmax(logits_BxV: jax.Array, _: jax.Array) -> jax.Array:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
 
-  def sample(logits_BxV, step_rng):
+  def sample(logits_BxV: jax.Array, step_rng: jax.Array) -> jax.Array:
     logits_BxV = filter_logits(logits_BxV, temperature, top_k, top_p)
     return jax.random.categorical(step_rng, logits_BxV, axis=-1).astype(jnp.int32)
 
-  def not_finished(s: _SampleState):
+  def not_finished(s: _SampleState) -> jax.Array:
     return (s.step < max_decode_length) & ~jnp.all(s.done_B)
 
-  def body(s: _SampleState):
+  def body(s: _SampleState) -> _SampleState:
     logits_BxV, cache = decode_step(model, params, s.cache, encoded, valid, s.prev_B,
                                     max_decode_length)
     rng, step_rng = jax.random.split(s.rng)
@@ -140,13 +149,13 @@ def _sample_jit(model, params, encoder_input_tokens_BxT, encoder_kwargs, rng, gr
   return jax.lax.while_loop(not_finished, body, init).tokens_BxL
 
 
-def _check_length(max_decode_length):
+def _check_length(max_decode_length: int) -> None:
   if not isinstance(max_decode_length, int) or max_decode_length < 1:
     raise ValueError(f"max_decode_length must be a positive int, got {max_decode_length!r}")
 
 
-def greedy_decode(model: nn.Module, params, encoder_input_tokens_BxT, max_decode_length: int,
-                  eos_id: int = 1, **encoder_kwargs) -> jax.Array:
+def greedy_decode(model: nn.Module, params: Params, encoder_input_tokens_BxT: ArrayLike,
+                  max_decode_length: int, eos_id: int = 1, **encoder_kwargs: Any) -> jax.Array:
   """Argmax decoding -> tokens [B, L]; stops early once every sequence has emitted EOS."""
   _check_length(max_decode_length)
   return _sample_jit(model, params, jnp.asarray(encoder_input_tokens_BxT), encoder_kwargs,
@@ -154,9 +163,10 @@ def greedy_decode(model: nn.Module, params, encoder_input_tokens_BxT, max_decode
                      jnp.float32(1.0), max_decode_length=max_decode_length, eos_id=eos_id)
 
 
-def sample_decode(model: nn.Module, params, encoder_input_tokens_BxT, max_decode_length: int,
-                  eos_id: int = 1, *, rng, temperature=1.0, top_k=0, top_p=1.0,
-                  **encoder_kwargs) -> jax.Array:
+def sample_decode(model: nn.Module, params: Params, encoder_input_tokens_BxT: ArrayLike,
+                  max_decode_length: int, eos_id: int = 1, *, rng: jax.Array,
+                  temperature: Scalar = 1.0, top_k: Scalar = 0, top_p: Scalar = 1.0,
+                  **encoder_kwargs: Any) -> jax.Array:
   """Ancestral sampling with temperature, top-k (0: off) and nucleus top-p (1: off) -> [B, L].
 
   temperature 0 is greedy decoding. The settings are traced: changing them does not recompile.
@@ -187,13 +197,13 @@ class _BeamState(NamedTuple):
   cache: Any
 
 
-def _take_beams(x_BxN, index_BxM):
+def _take_beams(x_BxN: jax.Array, index_BxM: jax.Array) -> jax.Array:
   """x[b, index[b, m]] for every b and m, whatever x's trailing dimensions."""
   index = index_BxM.reshape(index_BxM.shape + (1,) * (x_BxN.ndim - 2))
   return jnp.take_along_axis(x_BxN, index, axis=1)
 
 
-def _gather_cache(cache, parent_BxK):
+def _gather_cache(cache: Cache, parent_BxK: jax.Array) -> Cache:
   """Each beam's cache rows copied from its parent beam (rows are b * K + beam)."""
   batch, beams = parent_BxK.shape
   rows_BK = (jnp.arange(batch)[:, None] * beams + parent_BxK).reshape(-1)
@@ -203,8 +213,9 @@ def _gather_cache(cache, parent_BxK):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "eos_id",
                                              "num_beams"))
-def _beam_jit(model, params, encoder_input_tokens_BxT, encoder_kwargs, alpha, *,
-              max_decode_length, eos_id, num_beams):
+def _beam_jit(model: nn.Module, params: Params, encoder_input_tokens_BxT: jax.Array,
+              encoder_kwargs: dict[str, Any], alpha: jax.Array, *, max_decode_length: int,
+              eos_id: int, num_beams: int) -> tuple[jax.Array, jax.Array]:
   k, length = num_beams, max_decode_length
   batch = encoder_input_tokens_BxT.shape[0]
   encoded, valid = encode(model, params, encoder_input_tokens_BxT, **encoder_kwargs)
@@ -212,7 +223,7 @@ def _beam_jit(model, params, encoder_input_tokens_BxT, encoder_kwargs, alpha, *,
   encoded_BKxTxH = jnp.repeat(encoded, k, axis=0)
   valid_BKxT = jnp.repeat(valid, k, axis=0)
 
-  def not_finished(s: _BeamState):
+  def not_finished(s: _BeamState) -> jax.Array:
     # No live prefix can beat the worst finished beam once its best possible final score
     # (log p only falls; the penalty divisor is largest at one end of the remaining lengths)
     # is below it; with a free finished slot the search always goes on.
@@ -222,7 +233,7 @@ def _beam_jit(model, params, encoder_input_tokens_BxT, encoder_kwargs, alpha, *,
     settled = jnp.all(worst_finished_B > best_live_B)
     return (s.step < length) & ~settled
 
-  def body(s: _BeamState):
+  def body(s: _BeamState) -> _BeamState:
     last_BxK = jax.lax.dynamic_index_in_dim(s.live_seqs_BxKxL, jnp.maximum(s.step - 1, 0),
                                             axis=2, keepdims=False)
     prev_BxK = jnp.where(s.step == 0, 0, last_BxK)
@@ -272,9 +283,10 @@ def _beam_jit(model, params, encoder_input_tokens_BxT, encoder_kwargs, alpha, *,
   return seqs_BxKxL, scores_BxK
 
 
-def beam_search(model: nn.Module, params, encoder_input_tokens_BxT, max_decode_length: int,
-                eos_id: int = 1, *, num_beams: int = 4, alpha=0.6, return_all: bool = False,
-                **encoder_kwargs):
+def beam_search(model: nn.Module, params: Params, encoder_input_tokens_BxT: ArrayLike,
+                max_decode_length: int, eos_id: int = 1, *, num_beams: int = 4,
+                alpha: Scalar = 0.6, return_all: bool = False, **encoder_kwargs: Any
+                ) -> Union[jax.Array, tuple[jax.Array, jax.Array]]:
   """Beam search with t5x's length penalty: a finished beam scores log p / ((5 + len) / 6)**alpha.
 
   `len` counts the generated tokens including EOS. Returns the best tokens [B, L]; with
@@ -297,7 +309,9 @@ def beam_search(model: nn.Module, params, encoder_input_tokens_BxT, max_decode_l
 # Teacher-forced scoring and rank classification
 
 
-def _target_log_likelihood(model, params, encoded_BxTxH, encoder_valid_BxT, target_tokens_BxS):
+def _target_log_likelihood(model: nn.Module, params: Params, encoded_BxTxH: jax.Array,
+                           encoder_valid_BxT: jax.Array, target_tokens_BxS: jax.Array
+                           ) -> jax.Array:
   logits_BxSxV = model.apply({"params": params}, encoded_BxTxH, encoder_valid_BxT,
                              shift_right(target_tokens_BxS), target_tokens_BxS, method="decode")
   logp_BxSxV = jax.nn.log_softmax(logits_BxSxV.astype(jnp.float32), axis=-1)
@@ -306,20 +320,22 @@ def _target_log_likelihood(model, params, encoded_BxTxH, encoder_valid_BxT, targ
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _score_jit(model, params, encoder_input_tokens_BxT, target_tokens_BxS, encoder_kwargs):
+def _score_jit(model: nn.Module, params: Params, encoder_input_tokens_BxT: jax.Array,
+               target_tokens_BxS: jax.Array, encoder_kwargs: dict[str, Any]) -> jax.Array:
   encoded, valid = encode(model, params, encoder_input_tokens_BxT, **encoder_kwargs)
   return _target_log_likelihood(model, params, encoded, valid, target_tokens_BxS)
 
 
-def score(model: nn.Module, params, encoder_input_tokens_BxT, target_tokens_BxS,
-          **encoder_kwargs) -> jax.Array:
+def score(model: nn.Module, params: Params, encoder_input_tokens_BxT: ArrayLike,
+          target_tokens_BxS: ArrayLike, **encoder_kwargs: Any) -> jax.Array:
   """log p(targets | inputs) [B], float32: the sum over non-padding (id != 0) target tokens."""
   return _score_jit(model, params, jnp.asarray(encoder_input_tokens_BxT),
                     jnp.asarray(target_tokens_BxS), encoder_kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _rank_jit(model, params, encoder_input_tokens_BxT, candidates_BxCxS, encoder_kwargs):
+def _rank_jit(model: nn.Module, params: Params, encoder_input_tokens_BxT: jax.Array,
+              candidates_BxCxS: jax.Array, encoder_kwargs: dict[str, Any]) -> jax.Array:
   batch, num_candidates, length = candidates_BxCxS.shape
   encoded, valid = encode(model, params, encoder_input_tokens_BxT, **encoder_kwargs)
   # The encoder runs once per example; its outputs are shared by the C candidates.
@@ -329,8 +345,9 @@ def _rank_jit(model, params, encoder_input_tokens_BxT, candidates_BxCxS, encoder
   return scores_BC.reshape(batch, num_candidates)
 
 
-def rank_classify(model: nn.Module, params, encoder_input_tokens_BxT, candidate_target_tokens,
-                  *, return_scores: bool = False, **encoder_kwargs):
+def rank_classify(model: nn.Module, params: Params, encoder_input_tokens_BxT: ArrayLike,
+                  candidate_target_tokens: ArrayLike, *, return_scores: bool = False,
+                  **encoder_kwargs: Any) -> Union[jax.Array, tuple[jax.Array, jax.Array]]:
   """Index [B] of the most likely candidate target (summed log p, as t5x's rank classification).
 
   Candidates are [C, S] (the same for every example) or [B, C, S]. With `return_scores`, also

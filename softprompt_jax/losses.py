@@ -21,8 +21,9 @@ import jax.numpy as jnp
 Normalizer = Union[str, float]
 
 
-def cross_entropy_with_z_loss(logits_BxSxV, targets_BxS, *, z_loss: float = 1e-4,
-                              label_smoothing: float = 0.0):
+def cross_entropy_with_z_loss(logits_BxSxV: jax.Array, targets_BxS: jax.Array, *,
+                              z_loss: float = 1e-4,
+                              label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """(cross-entropy [B, S], z-loss [B, S]) per position, before masking."""
   vocab = logits_BxSxV.shape[-1]
   logits = logits_BxSxV.astype(jnp.float32)
@@ -40,7 +41,8 @@ def cross_entropy_with_z_loss(logits_BxSxV, targets_BxS, *, z_loss: float = 1e-4
   return xent, z_loss * jnp.square(log_z_BxS)
 
 
-def normalizer_value(normalizer: Normalizer, weights_BxS):
+def normalizer_value(normalizer: Normalizer, weights_BxS: jax.Array) -> jax.Array:
+  """The divisor of the summed per-token losses (see the module docstring)."""
   if normalizer == "num_real_target_tokens":
     return jnp.maximum(jnp.sum(weights_BxS), 1.0)
   if normalizer == "sum":
@@ -51,8 +53,9 @@ def normalizer_value(normalizer: Normalizer, weights_BxS):
                    "positive number")
 
 
-def t5x_loss(logits_BxSxV, targets_BxS, *, z_loss: float = 1e-4, label_smoothing: float = 0.0,
-             normalizer: Normalizer = "num_real_target_tokens"):
+def t5x_loss(logits_BxSxV: jax.Array, targets_BxS: jax.Array, *, z_loss: float = 1e-4,
+             label_smoothing: float = 0.0, normalizer: Normalizer = "num_real_target_tokens"
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Scalar loss and a dict of diagnostics (`cross_entropy`, `z_loss`, `num_tokens`)."""
   weights = (targets_BxS > 0).astype(jnp.float32)
   xent, zl = cross_entropy_with_z_loss(logits_BxSxV, targets_BxS, z_loss=z_loss,

@@ -23,7 +23,7 @@ PROMPT_ONLY = (".*prompt.*",)
 MODEL_TUNING = (".*",)
 
 
-def _compile(patterns: Sequence[str] | str):
+def _compile(patterns: Sequence[str] | str) -> list[re.Pattern]:
   patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
   try:
     return [re.compile(p) for p in patterns]
@@ -70,7 +70,8 @@ ADAFACTOR_RULES = {
 
 def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
               weight_decay_rate: float | None = 1e-5, clipping_threshold: float | None = 1.0,
-              multiply_by_parameter_scale: bool = False, momentum: float | None = None):
+              multiply_by_parameter_scale: bool = False,
+              momentum: float | None = None) -> optax.GradientTransformation:
   """Adafactor as the paper ran it: constant lr 0.3, decay 0.8, wd 1e-5, no parameter scaling.
 
   optax's adafactor applies weight decay as t5x does, `(1 - wd) * param - lr * update`, not
@@ -92,7 +93,7 @@ ADAM_RULES = {
 
 
 def adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-         weight_decay: float = 0.0):
+         weight_decay: float = 0.0) -> optax.GradientTransformation:
   """Adam (AdamW when weight_decay > 0)."""
   cc.check("optim.adam", locals(), ADAM_RULES)
   if weight_decay:
@@ -100,6 +101,7 @@ def adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: f
   return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
 
 
-def masked_optimizer(base: optax.GradientTransformation, labels: dict):
+def masked_optimizer(base: optax.GradientTransformation,
+                     labels: dict) -> optax.GradientTransformation:
   """`base` for trainable leaves, `set_to_zero` (stateless) for frozen ones."""
   return optax.multi_transform({TRAINABLE: base, FROZEN: optax.set_to_zero()}, labels)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from softprompt_jax import prompts
-from softprompt_jax.t5 import T5, param_with_axes
+from softprompt_jax.t5 import T5, LayerInputs, param_with_axes
 
 
 class Prompt(nn.Module):
@@ -74,6 +74,10 @@ class PromptedT5(T5):
   prompt_init: Callable = prompts.random_uniform()
   num_prompts: Optional[int] = None
   placement: str = "prepend"
+  # A per-layer prompt, if any: a linen module called as the encoder's `layer_inputs` hook,
+  # (layer index, x_BxTxH, valid_BxT) -> x_BxTxH (see t5.Encoder); its params live under
+  # `layer_prompt/`. The prompt positions are the first P valid ones (prepend) or the last P.
+  layer_prompt: Optional[nn.Module] = None
 
   def setup(self):
     super().setup()
@@ -98,6 +102,16 @@ class PromptedT5(T5):
                          "prompt_ids [batch] to choose each example's prompt")
       prompt_BxPxH = jnp.take(prompt, jnp.asarray(prompt_ids, jnp.int32), axis=0)
     return PLACEMENTS[self.placement](x_BxTxH, valid_BxT, prompt_BxPxH)
+
+  def encode(self, encoder_input_tokens_BxT: jax.Array, *, enable_dropout: bool = False,
+             layer_inputs: Optional[LayerInputs] = None, **kwargs) -> tuple[jax.Array, jax.Array]:
+    """T5.encode, with `layer_prompt` as the per-layer hook when there is one."""
+    if self.layer_prompt is not None:
+      if layer_inputs is not None:
+        raise ValueError("this PromptedT5 has a layer_prompt; pass no other layer_inputs")
+      layer_inputs = self.layer_prompt
+    return super().encode(encoder_input_tokens_BxT, enable_dropout=enable_dropout,
+                          layer_inputs=layer_inputs, **kwargs)
 
 
 def make_prompted_params(model: PromptedT5, t5_params: dict, rng: jax.Array,

@@ -7,12 +7,16 @@ recorded t5x-style in a `params_axes` collection (`<param>_axes` entries), keepi
 of plain arrays.
 
 Tensor names carry their layout: B batch, T encoder length, S decoder length, H d_model,
-N heads, D head_dim, F mlp width, V vocabulary.
+N heads, D head_dim, F mlp width, V vocabulary, Q/K query/key length in attention.
+
+Prompt variants never change this file: the encoder takes its inputs already embedded (so a
+prompt can be spliced in first, `T5.encoder_inputs`), and an optional per-layer hook
+(`LayerInputs`) may rewrite each encoder layer's input (e.g. a prompt at every layer).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import flax.linen as nn
 import flax.struct
@@ -24,6 +28,21 @@ from softprompt_jax.t5_config import ACTIVATIONS, T5Config
 
 # Large negative bias for masked attention positions (t5x uses the same value).
 MASK_BIAS = -1e10
+
+# The encoder's per-layer hook: (layer index, that layer's input x_BxTxH, valid_BxT) -> the
+# input the layer gets instead, same shape. See `Encoder` for where it runs.
+LayerInputs = Callable[[int, jax.Array, jax.Array], jax.Array]
+
+Tokens = TypeVar("Tokens", np.ndarray, jax.Array)
+
+
+def shift_right(target_tokens_BxS: Tokens) -> Tokens:
+  """Teacher-forced decoder inputs: the targets one step late, after the start token 0.
+
+  NumPy in, NumPy out (the host data pipeline); a jax array (or tracer) stays one.
+  """
+  xp = np if isinstance(target_tokens_BxS, np.ndarray) else jnp
+  return xp.pad(target_tokens_BxS[:, :-1], ((0, 0), (1, 0)))
 
 
 @flax.struct.dataclass
@@ -58,7 +77,7 @@ class RMSNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxH):
+  def __call__(self, x_BxLxH: jax.Array) -> jax.Array:
     scale_H = param_with_axes(self, "scale", nn.initializers.ones, (x_BxLxH.shape[-1],), ("embed",))
     x = x_BxLxH.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
@@ -73,10 +92,10 @@ class Dense(nn.Module):
   kernel_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
   @nn.compact
-  def __call__(self, x):
-    kernel = param_with_axes(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
-                             self.axes)
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+  def __call__(self, x_BxLxI: jax.Array) -> jax.Array:
+    kernel_IxO = param_with_axes(self, "kernel", self.kernel_init,
+                                 (x_BxLxI.shape[-1], self.features), self.axes)
+    return jnp.dot(x_BxLxI.astype(self.dtype), kernel_IxO.astype(self.dtype))
 
 
 class Embed(nn.Module):
@@ -85,20 +104,20 @@ class Embed(nn.Module):
   features: int
   dtype: Any = jnp.float32
 
-  def setup(self):
+  def setup(self) -> None:
     self.embedding = param_with_axes(self, "embedding", nn.initializers.normal(1.0),
                                      (self.num_embeddings, self.features), ("vocab", "embed"))
 
-  def __call__(self, tokens_BxL):
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     if not jnp.issubdtype(tokens_BxL.dtype, jnp.integer):
       raise TypeError(f"token ids must be integers, got {tokens_BxL.dtype}")
     return jnp.take(self.embedding, tokens_BxL, axis=0).astype(self.dtype)
 
-  def attend(self, x_BxLxH):
+  def attend(self, x_BxLxH: jax.Array) -> jax.Array:
     return jnp.dot(x_BxLxH.astype(self.dtype), self.embedding.T.astype(self.dtype))
 
 
-def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int,
+def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> np.ndarray:
   """Mesh TF / t5x bucketing of (memory - query) offsets; numpy, since shapes are static."""
   ret = 0
@@ -127,7 +146,7 @@ class RelativePositionBiases(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, q_len: int, k_len: int, bidirectional: bool):
+  def __call__(self, q_len: int, k_len: int, bidirectional: bool) -> jax.Array:
     context = np.arange(q_len, dtype=np.int32)[:, None]
     memory = np.arange(k_len, dtype=np.int32)[None, :]
     buckets_QxK = relative_position_bucket(memory - context, bidirectional, self.num_buckets,
@@ -149,8 +168,9 @@ class MultiHeadAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxQxH, kv_BxKxH, biases: tuple, *, deterministic: bool,
-               decode: bool = False, cache_kv_projections: bool = False):
+  def __call__(self, x_BxQxH: jax.Array, kv_BxKxH: jax.Array, biases: tuple[jax.Array, ...], *,
+               deterministic: bool, decode: bool = False,
+               cache_kv_projections: bool = False) -> jax.Array:
     """`biases`: additive terms each broadcastable to [B, N, Q, K] (relative positions [1, N, Q, K],
     padding [B, 1, Q, K]); kept apart so no [B, N, Q, K] bias is ever materialised.
 
@@ -193,7 +213,9 @@ class MultiHeadAttention(nn.Module):
     o_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     return Dense(emb, ("joined_kv", "embed"), self.dtype, o_init, name="out")(out_BxQxF)
 
-  def _update_cache(self, k_BxNx1xD, v_BxNx1xD, biases):
+  def _update_cache(self, k_BxNx1xD: jax.Array, v_BxNx1xD: jax.Array,
+                    biases: tuple[jax.Array, ...]
+                    ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
     """Autoregressive step: write this position's key/value and attend to positions <= it.
 
     The cache is created by a first call with the full decoder length (see `T5.init_cache`);
@@ -226,7 +248,7 @@ class MLP(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxH, *, deterministic: bool):
+  def __call__(self, x_BxLxH: jax.Array, *, deterministic: bool) -> jax.Array:
     emb = x_BxLxH.shape[-1]
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     hidden = None
@@ -241,17 +263,19 @@ class MLP(nn.Module):
     return Dense(emb, ("mlp", "embed"), self.dtype, init, name="wo")(hidden)
 
 
-def _residual(module, x, sublayer_out, deterministic):
+def _residual(module: nn.Module, x_BxLxH: jax.Array, sublayer_BxLxH: jax.Array,
+              deterministic: bool) -> jax.Array:
   dropped = nn.Dropout(module.config.dropout_rate, broadcast_dims=(-2,))(
-      sublayer_out, deterministic=deterministic)
-  return constrain(x + dropped, ("batch", "length", "embed"))
+      sublayer_BxLxH, deterministic=deterministic)
+  return constrain(x_BxLxH + dropped, ("batch", "length", "embed"))
 
 
 class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x_BxTxH, biases, deterministic: bool):
+  def __call__(self, x_BxTxH: jax.Array, biases: tuple[jax.Array, ...],
+               deterministic: bool) -> jax.Array:
     c = self.config
     dt = c.activation_dtype
     y = RMSNorm(c.layer_norm_epsilon, dt, name="pre_attention_layer_norm")(x_BxTxH)
@@ -268,8 +292,9 @@ class DecoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, y_BxSxH, encoded_BxTxH, self_biases, cross_biases, deterministic: bool,
-               decode: bool):
+  def __call__(self, y_BxSxH: jax.Array, encoded_BxTxH: jax.Array,
+               self_biases: tuple[jax.Array, ...], cross_biases: tuple[jax.Array, ...],
+               deterministic: bool, decode: bool) -> jax.Array:
     c = self.config
     dt = c.activation_dtype
     z = RMSNorm(c.layer_norm_epsilon, dt, name="pre_self_attention_layer_norm")(y_BxSxH)
@@ -297,14 +322,15 @@ REMAT_POLICIES = {
 }
 
 
-def rematted(layer_cls, policy: str, static_argnums):
+def rematted(layer_cls: type[nn.Module], policy: str,
+             static_argnums: tuple[int, ...]) -> type[nn.Module]:
   """`layer_cls`, rematerialised under `policy` (T5Config.remat_policy); same parameter names."""
   if policy == "none":
     return layer_cls
   return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
 
 
-def attention_mask_bias(query_valid_BxQ, key_valid_BxK) -> jax.Array:
+def attention_mask_bias(query_valid_BxQ: jax.Array, key_valid_BxK: jax.Array) -> jax.Array:
   """[B, 1, Q, K] additive bias: 0 where both positions are real, MASK_BIAS elsewhere."""
   mask = query_valid_BxQ[:, None, :, None] & key_valid_BxK[:, None, None, :]
   return jnp.where(mask, 0.0, MASK_BIAS).astype(jnp.float32)
@@ -315,7 +341,19 @@ class Encoder(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x_BxTxH, valid_BxT, *, deterministic: bool):
+  def __call__(self, x_BxTxH: jax.Array, valid_BxT: jax.Array, *, deterministic: bool,
+               layer_inputs: Optional[LayerInputs] = None) -> jax.Array:
+    """Encoded [B, T, H] of embedded inputs [B, T, H] (prompt included) and their mask [B, T].
+
+    `layer_inputs(i, x_BxTxH, valid_BxT)`, when given, runs before every encoder layer i: it
+    gets that layer's input (the previous layer's output; for i = 0 the embedded inputs after
+    dropout) and returns the input layer i uses instead, both for its pre-attention layer norm
+    and for its residual. It may add to or replace any positions (e.g. a per-layer prompt at the
+    prompt positions) but keep the shape: the mask and relative positions are fixed for the
+    whole stack. Its result is cast to the activation dtype. It runs outside the (rematerialised)
+    layers, so it may call bound modules of any parent; the final layer norm sees the last
+    layer's output unhooked. None changes nothing.
+    """
     c = self.config
     dt = c.activation_dtype
     t = x_BxTxH.shape[1]
@@ -327,6 +365,12 @@ class Encoder(nn.Module):
     x = constrain(x.astype(dt), ("batch", "length", "embed"))
     layer = rematted(EncoderLayer, c.remat_policy, static_argnums=(3,))
     for i in range(c.num_encoder_layers):
+      if layer_inputs is not None:
+        hooked = layer_inputs(i, x, valid_BxT)
+        if hooked.shape != x.shape:
+          raise ValueError(f"layer_inputs at encoder layer {i} returned shape {hooked.shape}; "
+                           f"it must keep the layer input's shape {x.shape}")
+        x = constrain(hooked.astype(dt), ("batch", "length", "embed"))
       x = layer(c, name=f"layers_{i}")(x, biases, deterministic)
     x = RMSNorm(c.layer_norm_epsilon, dt, name="encoder_norm")(x)
     return nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
@@ -337,9 +381,10 @@ class Decoder(nn.Module):
   token_embedder: Embed
 
   @nn.compact
-  def __call__(self, encoded_BxTxH, encoder_valid_BxT, decoder_input_tokens_BxS,
-               decoder_valid_BxS=None, *, deterministic: bool, decode: bool = False,
-               max_decode_length: Optional[int] = None):
+  def __call__(self, encoded_BxTxH: jax.Array, encoder_valid_BxT: jax.Array,
+               decoder_input_tokens_BxS: jax.Array, decoder_valid_BxS: Optional[jax.Array] = None,
+               *, deterministic: bool, decode: bool = False,
+               max_decode_length: Optional[int] = None) -> jax.Array:
     c = self.config
     dt = c.activation_dtype
     s = decoder_input_tokens_BxS.shape[1]
@@ -382,7 +427,7 @@ class Decoder(nn.Module):
     logits_BxSxV = constrain(logits_BxSxV, ("batch", "length", "vocab"))
     return logits_BxSxV.astype(jnp.float32)
 
-  def _step_index(self):
+  def _step_index(self) -> jax.Array:
     """Current decode position: the first self-attention cache's index before this step."""
     return self.get_variable("cache", "layers_0")["self_attention"]["cache_index"]
 
@@ -393,44 +438,59 @@ class T5(nn.Module):
   Token id 0 is padding: the encoder mask is `encoder_input_tokens > 0`; decoder inputs start
   with 0 (the shifted targets), so decoder padding is read from `decoder_target_tokens` when
   given, as in t5x.
+
+  `layer_inputs` (a `LayerInputs` hook, passed to `encode` / `__call__`) rewrites each encoder
+  layer's input; see `Encoder`. A wrapping module passes a closure over its own bound submodule,
+  so the hook's params live under the wrapper and the frozen T5 stays as it is.
   """
   config: T5Config
 
-  def setup(self):
+  def setup(self) -> None:
     c = self.config
     self.token_embedder = Embed(c.vocab_size, c.emb_dim, c.activation_dtype)
     self.encoder = Encoder(c)
     self.decoder = Decoder(c, self.token_embedder)
 
   # The hook PromptedT5 overrides: embedded encoder inputs and their validity mask.
-  def encoder_inputs(self, encoder_input_tokens_BxT, **kwargs):
+  def encoder_inputs(self, encoder_input_tokens_BxT: jax.Array,
+                     **kwargs: Any) -> tuple[jax.Array, jax.Array]:
     if kwargs:
       raise TypeError(f"T5 takes no extra encoder arguments, got {sorted(kwargs)}")
     return self.token_embedder(encoder_input_tokens_BxT), encoder_input_tokens_BxT > 0
 
-  def encode(self, encoder_input_tokens_BxT, *, enable_dropout: bool = False, **kwargs):
+  def encode(self, encoder_input_tokens_BxT: jax.Array, *, enable_dropout: bool = False,
+             layer_inputs: Optional[LayerInputs] = None,
+             **kwargs: Any) -> tuple[jax.Array, jax.Array]:
     """Returns (encoded [B, T', H], encoder_valid [B, T']); T' includes any prompt."""
     x_BxTxH, valid_BxT = self.encoder_inputs(encoder_input_tokens_BxT, **kwargs)
-    encoded = self.encoder(x_BxTxH, valid_BxT, deterministic=not enable_dropout)
+    encoded = self.encoder(x_BxTxH, valid_BxT, deterministic=not enable_dropout,
+                           layer_inputs=layer_inputs)
     return encoded, valid_BxT
 
-  def decode(self, encoded_BxTxH, encoder_valid_BxT, decoder_input_tokens_BxS,
-             decoder_target_tokens_BxS=None, *, enable_dropout: bool = False,
-             decode: bool = False, max_decode_length: Optional[int] = None):
+  def decode(self, encoded_BxTxH: jax.Array, encoder_valid_BxT: jax.Array,
+             decoder_input_tokens_BxS: jax.Array,
+             decoder_target_tokens_BxS: Optional[jax.Array] = None, *,
+             enable_dropout: bool = False, decode: bool = False,
+             max_decode_length: Optional[int] = None) -> jax.Array:
     decoder_valid = None if decoder_target_tokens_BxS is None else decoder_target_tokens_BxS > 0
     return self.decoder(encoded_BxTxH, encoder_valid_BxT, decoder_input_tokens_BxS, decoder_valid,
                         deterministic=not enable_dropout, decode=decode,
                         max_decode_length=max_decode_length)
 
-  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None, *,
-               enable_dropout: bool = False, **encoder_kwargs):
+  # Argument names are t5x's (its models pass them by keyword); shapes [B, T], [B, S], [B, S].
+  def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array,
+               decoder_target_tokens: Optional[jax.Array] = None, *,
+               enable_dropout: bool = False, layer_inputs: Optional[LayerInputs] = None,
+               **encoder_kwargs: Any) -> jax.Array:
+    """Logits [B, S, V] (float32)."""
     encoded, valid = self.encode(encoder_input_tokens, enable_dropout=enable_dropout,
-                                 **encoder_kwargs)
+                                 layer_inputs=layer_inputs, **encoder_kwargs)
     return self.decode(encoded, valid, decoder_input_tokens, decoder_target_tokens,
                        enable_dropout=enable_dropout)
 
 
-def init_params(model: nn.Module, rng, batch: int = 1, input_len: int = 8, target_len: int = 4):
+def init_params(model: nn.Module, rng: jax.Array, batch: int = 1, input_len: int = 8,
+                target_len: int = 4) -> tuple[dict, dict]:
   """Initialise `model`'s params with dummy shapes; returns (params, params_axes)."""
   enc = jnp.ones((batch, input_len), jnp.int32)
   dec = jnp.ones((batch, target_len), jnp.int32)
@@ -446,7 +506,7 @@ def logical_axes(model: nn.Module, input_len: int = 8, target_len: int = 4) -> d
   return strip_axes_suffix(axes)
 
 
-def strip_axes_suffix(params_axes) -> dict:
+def strip_axes_suffix(params_axes: dict) -> dict:
   """`{'kernel_axes': AxisMetadata(names)}` -> `{'kernel': names}`, recursively."""
   out = {}
   for k, v in params_axes.items():

@@ -2,7 +2,7 @@
 
 State that changes during training (`TrainState`: step, trainable params, optimizer state) is kept
 apart from the frozen params, which are an input of every step and never an output: nothing of
-the frozen model is copied, differentiated or donated. Sharding (issue #4) reuses these functions
+the frozen model is copied, differentiated or donated. Sharded training reuses these functions
 by passing shardings to `jit_steps`.
 """
 
@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.typing import ArrayLike
 
 from softprompt_jax import losses, optim
+from softprompt_jax.t5 import shift_right
 
 Batch = dict[str, jax.Array]
 ENCODER_KWARGS = ("prompt_ids",)
@@ -26,9 +30,9 @@ FINITE_TRAINABLE = "trainable_finite"  # a train-step metric: no NaN/Inf in the 
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
-  trainable: dict
-  opt_state: Any
+  step: jax.Array          # int32 scalar: optimizer steps taken
+  trainable: dict          # the trainable subtree (float32), e.g. {"prompt": {"prompt": [P, H]}}
+  opt_state: optax.OptState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +42,8 @@ class LossConfig:
   normalizer: losses.Normalizer = "num_real_target_tokens"
 
 
-def init_train_state(params: dict, labels: dict, optimizer: optax.GradientTransformation):
+def init_train_state(params: dict, labels: dict, optimizer: optax.GradientTransformation
+                     ) -> tuple[TrainState, dict]:
   """(TrainState, frozen params). The optimizer sees the whole tree: its state holds slots only
   for trainable leaves (set_to_zero, for frozen ones, is stateless).
 
@@ -52,7 +57,8 @@ def init_train_state(params: dict, labels: dict, optimizer: optax.GradientTransf
   return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state), frozen
 
 
-def _logits(model, params, batch, rng, enable_dropout):
+def _logits(model: nn.Module, params: dict, batch: Batch, rng: Optional[jax.Array],
+            enable_dropout: bool) -> jax.Array:
   encoder_kwargs = {k: batch[k] for k in ENCODER_KWARGS if k in batch}
   return model.apply({"params": params}, batch["encoder_input_tokens"],
                      batch["decoder_input_tokens"], batch.get("decoder_target_tokens"),
@@ -60,16 +66,19 @@ def _logits(model, params, batch, rng, enable_dropout):
                      **encoder_kwargs)
 
 
-def loss_fn(trainable, frozen, batch, rng, *, model, loss_config: LossConfig,
-            enable_dropout: bool):
+def loss_fn(trainable: dict, frozen: dict, batch: Batch, rng: Optional[jax.Array], *,
+            model: nn.Module, loss_config: LossConfig,
+            enable_dropout: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(scalar loss, diagnostics) of the merged params on `batch`; jax.grad takes `trainable`."""
   logits = _logits(model, optim.merge(trainable, frozen), batch, rng, enable_dropout)
   return losses.t5x_loss(logits, batch["decoder_target_tokens"], z_loss=loss_config.z_loss,
                          label_smoothing=loss_config.label_smoothing,
                          normalizer=loss_config.normalizer)
 
 
-def train_step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array, *, model,
-               optimizer: optax.GradientTransformation, loss_config: LossConfig = LossConfig()):
+def train_step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array, *,
+               model: nn.Module, optimizer: optax.GradientTransformation,
+               loss_config: LossConfig = LossConfig()) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step; returns (new state, metrics). Dropout is on (the model's rate)."""
   step_rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, loss_config=loss_config,
@@ -89,16 +98,15 @@ def train_step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array, *,
   return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
-def _labels_like(trainable, full_tree):
+def _labels_like(trainable: dict, full_tree: dict) -> dict:
   """Labels marking exactly the paths of `trainable` inside `full_tree`."""
-  from flax.traverse_util import flatten_dict, unflatten_dict
   keep = set(flatten_dict(trainable))
   return unflatten_dict({k: optim.TRAINABLE if k in keep else optim.FROZEN
                          for k in flatten_dict(full_tree)})
 
 
-def eval_step(state: TrainState, frozen: dict, batch: Batch, *, model,
-              loss_config: LossConfig = LossConfig()):
+def eval_step(state: TrainState, frozen: dict, batch: Batch, *, model: nn.Module,
+              loss_config: LossConfig = LossConfig()) -> dict[str, jax.Array]:
   """Loss and token accuracy without dropout; sums, so hosts and batches aggregate exactly."""
   logits = _logits(model, optim.merge(state.trainable, frozen), batch, None, False)
   targets = batch["decoder_target_tokens"]
@@ -117,7 +125,7 @@ def jit_steps(model, optimizer: optax.GradientTransformation,
               replicated=None) -> tuple[Callable, Callable]:
   """(train_step, eval_step) jitted; the TrainState buffers are donated to the new state.
 
-  With shardings (issue #4) both steps compile for the mesh; without, for one device.
+  With shardings both steps compile for the mesh; without, for one device.
   """
   train = functools.partial(train_step, model=model, optimizer=optimizer,
                             loss_config=loss_config)
@@ -132,12 +140,13 @@ def jit_steps(model, optimizer: optax.GradientTransformation,
   return train_jit, eval_jit
 
 
-def make_batch(encoder_input_tokens, target_tokens, prompt_ids: Optional[Any] = None) -> Batch:
-  """A t5x-style batch: decoder inputs are the targets shifted right, starting with 0."""
-  targets = jnp.asarray(target_tokens, jnp.int32)
-  decoder_inputs = jnp.concatenate([jnp.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+def make_batch(encoder_input_tokens: ArrayLike, target_tokens: ArrayLike,
+               prompt_ids: Optional[ArrayLike] = None) -> Batch:
+  """A t5x-style batch from inputs [B, T], targets [B, S] and optional prompt ids [B]: decoder
+  inputs are the targets shifted right, starting with 0. Names are the batch's keys."""
+  targets_BxS = jnp.asarray(target_tokens, jnp.int32)
   batch = {"encoder_input_tokens": jnp.asarray(encoder_input_tokens, jnp.int32),
-           "decoder_input_tokens": decoder_inputs, "decoder_target_tokens": targets}
+           "decoder_input_tokens": shift_right(targets_BxS), "decoder_target_tokens": targets_BxS}
   if prompt_ids is not None:
     batch["prompt_ids"] = jnp.asarray(prompt_ids, jnp.int32)
   return batch

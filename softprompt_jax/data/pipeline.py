@@ -24,6 +24,7 @@ import numpy as np
 from softprompt_jax.data import cache
 from softprompt_jax.data.readers import DataError, SkipLog, Source, load_split
 from softprompt_jax.data.tasks import RecordError, Task, get_task
+from softprompt_jax.t5 import shift_right
 from softprompt_jax.tokenizers import Vocabulary, get_vocabulary, pad_batch
 
 MIXING = ("proportional", "round_robin")
@@ -157,7 +158,7 @@ class BatchIterator:
       arrays["encoder_input_tokens"][mask] = inputs
       arrays["decoder_target_tokens"][mask] = targets
       # Teacher forcing: the targets shifted right by one, starting from 0.
-      arrays["decoder_input_tokens"][mask, 1:] = targets[:, :-1]
+      arrays["decoder_input_tokens"][mask] = shift_right(targets)
       self.stats.num_examples += len(real)
       self.stats.num_truncated_inputs += cut_inputs
       self.stats.num_truncated_targets += cut_targets
