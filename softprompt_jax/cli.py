@@ -189,8 +189,8 @@ def _train(run_dir: pathlib.Path, train) -> int:
   checkpoint (a configuration error) leaves the directory as it found it."""
   import gin
 
+  from softprompt_jax.output_files import write_text
   from softprompt_jax.partitioning import is_primary_process
-  from softprompt_jax.run_log import write_file
   from softprompt_jax.trainer import ALREADY_COMPLETE
   primary = is_primary_process()  # only process 0 writes the record
   if run_dir.exists() and not run_dir.is_dir():
@@ -211,7 +211,7 @@ def _train(run_dir: pathlib.Path, train) -> int:
   try:
     # Atomic (as every record): a full disk leaves the old file or none, never a part.
     if primary and previous != gin.config_str():  # a rerun leaves the record as it is
-      write_file(config_file, gin.config_str())
+      write_text(config_file, gin.config_str())
     result = train()
   except BaseException:  # a preemption has saved a checkpoint: the record stays
     lock.release()
@@ -222,14 +222,14 @@ def _train(run_dir: pathlib.Path, train) -> int:
         if previous is None:
           config_file.unlink(missing_ok=True)
         elif config_file.read_text() != previous:
-          write_file(config_file, previous)
+          write_text(config_file, previous)
         if created and not any(run_dir.iterdir()):
           run_dir.rmdir()
     raise
   lock.release()
   operative = run_dir / "operative_config.gin"
   if primary and not (result.get(ALREADY_COMPLETE) and operative.is_file()):
-    write_file(operative, gin.operative_config_str())  # written once it is whole
+    write_text(operative, gin.operative_config_str())  # written once it is whole
   return 0
 
 

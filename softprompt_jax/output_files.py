@@ -1,7 +1,9 @@
-"""Writing a file the user named, whatever is at that path.
+"""Writing a whole file, whatever is at its path: the one writer of every file written whole.
 
-Every user-named output (predictions, an exported prompt, eval_<split>.json, ...) goes through
-`open_output`, which picks one of three ways by what the path is now:
+User-named outputs (predictions, an exported prompt, a PEFT adapter) and the run directory's own
+records (summary.json, curves.png, the gin records, eval_<split>.json, interpretation.json, a
+checkpoint's sha256sums.json) all go through `write_text`, `write_bytes` or `open_output`, which
+pick one of three ways by what the path is now:
 
   - `-`, or the very file this process's stdout (or stderr) is: written through that stream, so
     the data and the process's own messages keep their order and nothing is replaced;
@@ -13,7 +15,8 @@ Every user-named output (predictions, an exported prompt, eval_<split>.json, ...
     writing and streamed to, never replaced.
 
 A directory where a file is expected is an IsADirectoryError saying so. An OSError while writing
-names the output path (not the temporary file), so a full or read-only disk reads as one line.
+names the output path (not the temporary file), so a full or read-only disk reads as one line;
+`naming` gives files written piecemeal (an appended log) the same.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def open_output(path: PathLike, mode: str = "w") -> Iterator[IO]:
   if st is None or stat.S_ISDIR(st.st_mode):
     check_output_path(path)
   if st is not None and not stat.S_ISREG(st.st_mode):
-    with _named(path), open(path, mode, **_text_args(mode)) as out:  # a pipe or device
+    with naming(path), open(path, mode, **_text_args(mode)) as out:  # a pipe or device
       yield out
     return
   with _atomic(pathlib.Path(os.path.realpath(path)), path, mode, st) as out:
@@ -91,13 +94,31 @@ def open_output(path: PathLike, mode: str = "w") -> Iterator[IO]:
 
 
 def write_text(path: PathLike, text: str) -> None:
+  """Writes `text` (utf-8) to `path` as `open_output` does."""
   with open_output(path, "w") as out:
     out.write(text)
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes `data` to `path` as `open_output` does."""
   with open_output(path, "wb") as out:
     out.write(data)
+
+
+@contextlib.contextmanager
+def naming(path: PathLike, *, instead_of_any: bool = False) -> Iterator[None]:
+  """An OSError that names no file (a write() or flush on a full disk) gets `path`, so the one
+  line the user sees says which file could not be written; `instead_of_any`: also one that
+  names another (a temporary file standing in for `path`)."""
+  try:
+    yield
+  except OSError as error:
+    path = os.fspath(path)
+    if error.errno is None or error.filename == path or (error.filename is not None
+                                                         and not instead_of_any):
+      raise
+    # OSError(errno, ...) is the subclass the errno calls for, as the original was.
+    raise OSError(error.errno, error.strerror or os.strerror(error.errno), path) from error
 
 
 def _text_args(mode: str) -> dict:
@@ -139,7 +160,7 @@ def _to_standard_stream(stream, mode: str) -> Iterator[IO]:
 def _atomic(target: pathlib.Path, named: str, mode: str, st) -> Iterator[IO]:
   """Writes `target` by renaming a complete, fsynced temporary file over it; errors name
   `named` (the path the user gave)."""
-  with _named(named):
+  with naming(named, instead_of_any=True):
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     # A random name taken with O_EXCL: two writers never share a temporary file; mode 0o666
@@ -155,7 +176,10 @@ def _atomic(target: pathlib.Path, named: str, mode: str, st) -> Iterator[IO]:
         os.fsync(out.fileno())
       os.replace(tmp, target)
     except BaseException:
-      tmp.unlink(missing_ok=True)
+      # Where the disk allows (not a read-only one): the error that stopped the write is the
+      # one to report.
+      with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
       raise
     _fsync_directory(parent)  # the rename itself survives a crash
 
@@ -172,13 +196,3 @@ def _fsync_directory(directory: pathlib.Path) -> None:
   finally:
     os.close(fd)
 
-
-@contextlib.contextmanager
-def _named(path: str) -> Iterator[None]:
-  """An OSError without the output's name (a write(), an fsync, a temporary file) gets it."""
-  try:
-    yield
-  except OSError as error:
-    if error.filename == path or error.errno is None:
-      raise
-    raise OSError(error.errno, error.strerror or os.strerror(error.errno), path) from error

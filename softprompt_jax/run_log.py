@@ -1,4 +1,4 @@
-"""Training observability: a progress line, `metrics.jsonl`, TensorBoard scalars, curves, summary.
+"""The training loop's log: `metrics.jsonl`, TensorBoard scalars and a progress line; reading back.
 
 `RunLog` is what the training loop talks to. Every record goes to `run_dir/metrics.jsonl`, one
 JSON object a line, flushed as written and appended to across restarts; that file is the record
@@ -8,33 +8,32 @@ logs those steps again. TensorBoard gets the same scalars, one subdirectory per 
 and validation curves of the same tag overlay.
 
 Every file here is written in the caller's thread, and an OSError names the file (a write() on a
-full disk names none), so a full or read-only disk stops the run with one line. Whole files
-(summary, curves, the run's gin records) are replaced atomically: whole or not there.
+full disk names none), so a full or read-only disk stops the run with one line. The run's whole
+files are written elsewhere (curves, run_summary), atomically, by output_files.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import json
 import math
 import numbers
 import os
-import socket
 import sys
 import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TextIO, Union
+from typing import Callable, Optional, TextIO
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-CURVES_FILE = "curves.png"
+from softprompt_jax.output_files import naming
+from softprompt_jax.progress import StatusLine, format_duration, format_rate, is_tty
+from softprompt_jax.run_layout import METRICS_FILE
+from softprompt_jax.tensorboard_events import EventFile
+
 TRAIN = "train"
 # Keys a record sets itself; a metric of the same name would silently overwrite one of them.
-_RESERVED = frozenset({"step", "split", "time", "event", "steps_per_s", "tokens_per_s"})
+RECORD_FIELDS = frozenset({"step", "split", "time", "event", "steps_per_s", "tokens_per_s"})
 
 
 def _scalar(name: str, value) -> int | float:
@@ -48,33 +47,10 @@ def _scalar(name: str, value) -> int | float:
 
 
 def _metrics(metrics: dict) -> dict[str, int | float]:
-  clash = _RESERVED.intersection(metrics)
+  clash = RECORD_FIELDS.intersection(metrics)
   if clash:
     raise ValueError(f"metric names {sorted(clash)} are reserved for the record's own fields")
   return {name: _scalar(name, value) for name, value in metrics.items()}
-
-
-def _format_duration(seconds: float | None) -> str:
-  if seconds is None or not math.isfinite(seconds):
-    return "--"
-  s = int(round(max(seconds, 0.0)))
-  if s < 60:
-    return f"{s}s"
-  if s < 3600:
-    return f"{s // 60}m{s % 60:02d}s"
-  if s < 86400:
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-  return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _format_rate(rate: float | None) -> str:
-  """Three significant digits with a k/M suffix: 0.351, 12.3, 45.6k, 1.2M."""
-  if rate is None:
-    return "--"
-  for bound, suffix in ((1e6, "M"), (1e3, "k")):
-    if rate >= bound:
-      return f"{rate / bound:.3g}{suffix}"
-  return f"{rate:.3g}"
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -114,14 +90,12 @@ class RunLog:
     self._stream = stream if stream is not None else sys.stderr
     self._clock = clock
     # The stream in use, not the argument: by default (None) that is stderr, a terminal or not.
-    self._tty = tty if tty is not None else bool(getattr(self._stream, "isatty", lambda: False)())
-    self._update_every_s = (update_every_s if update_every_s is not None
-                            else 0.2 if self._tty else 30.0)
+    tty = tty if tty is not None else is_tty(self._stream)
+    self._status = StatusLine(self._stream, tty=tty, every_s=(
+        update_every_s if update_every_s is not None else 0.2 if tty else 30.0))
     self._samples = collections.deque(maxlen=window)  # (clock time, step, tokens so far)
     self._tokens = 0
     self._rates: tuple[float | None, float | None] = (None, None)
-    self._last_shown: float | None = None
-    self._bar = ""  # the progress line currently on a TTY, "" when none is drawn
 
     self.run_dir.mkdir(parents=True, exist_ok=True)
     path = self.run_dir / METRICS_FILE
@@ -137,7 +111,7 @@ class RunLog:
                    "time": time.time()})
 
     self._tensorboard = tensorboard
-    self._writers: dict[str, _EventFile] = {}
+    self._writers: dict[str, EventFile] = {}
     # Unique per writer: event files are named by the second and host and opened with "wb", so
     # two writers started within a second in one directory would clobber each other.
     self._writer_suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -184,15 +158,10 @@ class RunLog:
     self._samples.clear()
 
   def message(self, text: str) -> None:
-    """A line on the stream; on a TTY the progress line is cleared first and redrawn below it."""
+    """A line on the stream; on a TTY the progress line is redrawn below it."""
     if not self.enabled:
       return
-    if self._tty and self._bar:
-      self._stream.write("\r" + " " * len(self._bar) + "\r")
-    self._stream.write(f"{text}\n")
-    if self._tty and self._bar:
-      self._stream.write(self._bar)
-    self._stream.flush()
+    self._status.print(text)
 
   def close(self) -> None:
     """Flushes and closes every file, each even when another fails. The first failure is
@@ -202,10 +171,7 @@ class RunLog:
     if not self.enabled or self._closed:
       return
     self._closed = True
-    if self._tty and self._bar:
-      self._stream.write("\n")  # leave the last progress line on screen
-      self._stream.flush()
-      self._bar = ""
+    self._status.end()  # the last progress line stays on screen
     propagating = sys.exc_info()[1] is not None
     first = None
     for path, file in [*((w.path, w) for w in self._writers.values()),
@@ -233,15 +199,14 @@ class RunLog:
       self._jsonl.write(json.dumps(record) + "\n")
       self._jsonl.flush()
 
-  def _writer(self, split: str) -> Optional[_EventFile]:
+  def _writer(self, split: str) -> Optional[EventFile]:
     if not self._tensorboard:
       return None
     if split not in self._writers:
       # purge_step hides what a crashed run logged past the resumed checkpoint, as read_metrics
       # does for the JSONL.
-      self._writers[split] = _EventFile(self.run_dir / "tensorboard" / split,
-                                        purge_step=self.start_step + 1,
-                                        suffix=self._writer_suffix)
+      self._writers[split] = EventFile(self.run_dir / "tensorboard" / split,
+                                       purge_step=self.start_step + 1, suffix=self._writer_suffix)
     return self._writers[split]
 
   def _measure(self) -> tuple[float, float] | None:
@@ -257,92 +222,16 @@ class RunLog:
     eta = (self.total_steps - step) / steps_per_s if steps_per_s else None
     percent = 100.0 * step / self.total_steps if self.total_steps else 100.0
     parts = [f"step {step}/{self.total_steps} ({percent:.0f}%)",
-             f"{_format_rate(steps_per_s)} steps/s",
-             f"{_format_rate(tokens_per_s)} tokens/s",
-             f"ETA {_format_duration(eta)}"]
+             f"{format_rate(steps_per_s)} steps/s",
+             f"{format_rate(tokens_per_s)} tokens/s",
+             f"ETA {format_duration(eta)}"]
     if "loss" in metrics:
       parts.append(f"loss {metrics['loss']:.4g}")
     return " | ".join(parts)
 
   def _show_progress(self, step: int, metrics: dict, now: float) -> None:
-    due = (self._last_shown is None or now - self._last_shown >= self._update_every_s
-           or step >= self.total_steps)
-    if not due:
-      return
-    self._last_shown = now
-    line = self._progress_line(step, metrics)
-    if self._tty:
-      # Pad with spaces to wipe the tail of a longer previous line.
-      self._stream.write("\r" + line + " " * max(0, len(self._bar) - len(line)))
-      self._bar = line
-    else:
-      self._stream.write(line + "\n")
-    self._stream.flush()
-
-
-class _EventFile:
-  """One TensorBoard event file (TFRecord-framed `Event` protos), written in the caller's thread.
-
-  tensorboardX's SummaryWriter writes from a thread of its own: a full disk there is a traceback
-  on stderr while training goes on (and its bounded queue, once the thread is dead, blocks
-  logging for good). Here a failed write is an OSError where the scalar is logged, naming the
-  file. Flushed when asked (evaluations), every `flush_every_s` and on close.
-  """
-
-  def __init__(self, directory: Path, *, purge_step: int, suffix: str,
-               flush_every_s: float = 30.0):
-    from tensorboardX.proto.event_pb2 import Event, SessionLog  # slow; the primary host's only
-    from tensorboardX.record_writer import RecordWriter
-    from tensorboardX.summary import scalar
-    self._event, self._scalar = Event, scalar
-    self._flush_every_s = flush_every_s
-    self.path = directory / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}{suffix}"
-    with naming(self.path):
-      directory.mkdir(parents=True, exist_ok=True)
-      self._records = RecordWriter(str(self.path))
-      # As SummaryWriter(purge_step=...) starts a file: TensorBoard then drops the events an
-      # earlier file holds from purge_step on.
-      self._write(Event(step=purge_step, file_version="brain.Event:2"))
-      self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
-      self.flush()
-
-  def add_scalars(self, values: dict[str, float], step: int) -> None:
-    with naming(self.path):
-      for name, value in values.items():
-        self._write(self._event(step=int(step), summary=self._scalar(name, value)))
-      if time.monotonic() - self._flushed >= self._flush_every_s:
-        self.flush()
-
-  def flush(self) -> None:
-    with naming(self.path):
-      self._records.flush()  # and fsync
-    self._flushed = time.monotonic()
-
-  def close(self) -> None:
-    try:
-      self.flush()
-    finally:
-      self._records.close()
-
-  def _write(self, event) -> None:
-    event.wall_time = time.time()
-    self._records.write(event.SerializeToString())
-
-
-@contextlib.contextmanager
-def naming(path, *, instead_of_any: bool = False) -> Iterator[None]:
-  """An OSError that names no file (a write() or flush on a full disk) gets `path`, so the one
-  line the user sees says which file could not be written; `instead_of_any`: also one that
-  names another (a temporary file standing in for `path`)."""
-  try:
-    yield
-  except OSError as error:
-    path = os.fspath(path)
-    if error.errno is None or error.filename == path or (error.filename is not None
-                                                         and not instead_of_any):
-      raise
-    # OSError(errno, ...) is the subclass the errno calls for, as the original was.
-    raise OSError(error.errno, error.strerror or os.strerror(error.errno), path) from error
+    if self._status.due(now) or step >= self.total_steps:  # the final step always shows
+      self._status.show(self._progress_line(step, metrics), now)
 
 
 def _last_byte(path: Path) -> bytes:
@@ -400,7 +289,8 @@ def _warn_bad_line(path: Path, number: int) -> None:
   warnings.warn(f"{path}:{number}: skipping a line that is not a JSON object", stacklevel=3)
 
 
-def _finite(value) -> bool:
+def is_finite(value) -> bool:
+  """Whether a record's `value` is a finite number (a metric worth plotting or comparing)."""
   return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -412,130 +302,8 @@ def best_eval(run_dir, metric: str, mode: str, *,
   best = None
   for record in read_metrics(run_dir, split):
     value = record.get(metric)
-    if not _finite(value):
+    if not is_finite(value):
       continue
     if best is None or (value > best[1] if mode == "max" else value < best[1]):
       best = (record["step"], value)
   return best
-
-
-# --------------------------------------------------------------------------------------------
-# Curves and summary
-
-
-def _eval_metric_names(records: list[dict]) -> list[str]:
-  names = []
-  for record in records:
-    for name, value in record.items():
-      # Counts (num_examples, num_truncated_inputs, …) describe the data, not the prompt.
-      if (name not in _RESERVED and not name.startswith("num_") and _finite(value)
-          and name not in names):
-        names.append(name)
-  return names
-
-
-def plot_curves(run_dir, png_path=None, metric: str | None = None, *,
-                train_metric: str = "loss") -> Path:
-  """A PNG of the training loss (left) and evaluation curves (right) over steps.
-
-  `metric` picks the evaluation metric plotted for every eval split; None plots all of them.
-  Renders with Agg on a bare Figure, so no display is needed and pyplot's global state (and the
-  caller's backend) is left alone.
-  """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  run_dir = Path(run_dir)
-  png_path = Path(png_path) if png_path is not None else run_dir / CURVES_FILE
-  records = read_metrics(run_dir)
-  train = [r for r in records if r["split"] == TRAIN and _finite(r.get(train_metric))]
-  evals = [r for r in records if r["split"] != TRAIN]
-  names = _eval_metric_names(evals)
-  if metric is not None:
-    if evals and metric not in names:
-      raise ValueError(f"no evaluation logged {metric!r}; logged metrics: {names}")
-    names = [metric]
-
-  figure = Figure(figsize=(11, 4), layout="constrained")
-  FigureCanvasAgg(figure)
-  train_axes, eval_axes = figure.subplots(1, 2)
-  train_axes.plot([r["step"] for r in train], [r[train_metric] for r in train], linewidth=1)
-  train_axes.set(title=f"train {train_metric}", xlabel="step")
-  for split in dict.fromkeys(r["split"] for r in evals):
-    for name in names:
-      points = [(r["step"], r[name]) for r in evals if r["split"] == split and _finite(r.get(name))]
-      if points:
-        eval_axes.plot(*zip(*points), marker="o", markersize=3, label=f"{split} {name}")
-  eval_axes.set(title="evaluation", xlabel="step")
-  if eval_axes.lines:
-    eval_axes.legend()
-  else:
-    eval_axes.text(0.5, 0.5, "no evaluations yet", ha="center", va="center",
-                   transform=eval_axes.transAxes)
-  for axes in (train_axes, eval_axes):
-    axes.grid(alpha=0.3)
-
-  image = io.BytesIO()
-  figure.savefig(image, format="png", dpi=100)
-  write_file(png_path, image.getvalue())  # a viewer never sees a half-written image
-  return png_path
-
-
-def _json_default(value):
-  """numpy/jax scalars and arrays, and paths, which `json` cannot serialize on its own."""
-  if hasattr(value, "tolist"):
-    return value.tolist()
-  if isinstance(value, os.PathLike):
-    return os.fspath(value)
-  raise TypeError(f"{type(value).__name__} is not JSON serializable: {value!r}")
-
-
-def write_file(path, data: Union[str, bytes]) -> Path:
-  """Writes `path` atomically: a temporary file beside it, fsynced, renamed over it. Whatever
-  stops the write (a full disk, a kill), the path holds the old file or the new one, never a
-  part, and the temporary file is removed where the disk allows. An OSError names `path`."""
-  path = Path(path)
-  data = data.encode("utf-8") if isinstance(data, str) else data
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-  with naming(path, instead_of_any=True):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-      with open(tmp, "xb") as f:  # mode 0o666 less the umask, as a plain open() gives
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # the rename must not land before the data
-      os.replace(tmp, path)
-    except BaseException:
-      with contextlib.suppress(OSError):
-        tmp.unlink(missing_ok=True)
-      raise
-  return path
-
-
-def write_summary(run_dir, summary: dict, *, stream: Optional[TextIO] = None) -> Path:
-  """Write `run_dir/summary.json` atomically and print a one-line summary of it to `stream`.
-
-  The line shows whichever of these keys `summary` has: "steps", "wall_time_s", "final_loss",
-  and "best_metric" with "best_value" and "best_step"; the file holds all of `summary`.
-  """
-  run_dir = Path(run_dir)
-  path = run_dir / SUMMARY_FILE
-  text = json.dumps(summary, indent=2, default=_json_default) + "\n"  # fails before any write
-  write_file(path, text)
-
-  parts = []
-  if "steps" in summary:
-    parts.append(f"{summary['steps']} steps")
-  if "wall_time_s" in summary:
-    parts.append(f"wall time {_format_duration(float(summary['wall_time_s']))}")
-  if summary.get("final_loss") is not None:
-    parts.append(f"final loss {float(summary['final_loss']):.4g}")
-  if summary.get("best_value") is not None:
-    best = f"best {summary.get('best_metric', 'metric')} {float(summary['best_value']):.4g}"
-    if "best_step" in summary:
-      best += f" at step {summary['best_step']}"
-    parts.append(best)
-  stream = stream if stream is not None else sys.stderr
-  stream.write(f"run summary: {', '.join(parts) or 'written'} ({path})\n")
-  stream.flush()
-  return path

@@ -26,10 +26,11 @@ from softprompt_jax import decoding, optim, partitioning, preemption, prompts
 from softprompt_jax import train_step as ts
 from softprompt_jax.checkpoints.state import PromptCheckpoints, abstract_like, fingerprint
 from softprompt_jax.config_checks import ConfigError
+from softprompt_jax.curves import plot_curves
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
-from softprompt_jax.run_log import (SUMMARY_FILE, RunLog, plot_curves, read_metrics,
-                                    write_summary)
+from softprompt_jax.run_log import RunLog, read_metrics
+from softprompt_jax.run_summary import SUMMARY_FILE, write_summary
 from softprompt_jax.t5 import T5
 from softprompt_jax.tokenizers import get_vocabulary
 

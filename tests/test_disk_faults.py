@@ -332,7 +332,7 @@ FULL_DISK = [
                  "checkpoints/20", id="checkpoint"),
     pytest.param("checkpoints/20.orbax-checkpoint-tmp/_CHECKPOINT_METADATA", 10,
                  "checkpoints/20", id="checkpoint-metadata"),
-    pytest.param(f"checkpoints/20/{INTEGRITY_FILE}*", 10, f"checkpoints/20/{INTEGRITY_FILE}",
+    pytest.param(f"checkpoints/20/.{INTEGRITY_FILE}.*", 10, f"checkpoints/20/{INTEGRITY_FILE}",
                  id="integrity-file"),
     pytest.param("metrics.jsonl", 10, "metrics.jsonl", id="metrics"),
     pytest.param("tensorboard/train/*", 10, "tensorboard/train/events.out.tfevents.*",

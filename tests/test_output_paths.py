@@ -1,5 +1,5 @@
-"""User-named outputs are written into whatever the path is, never replacing it (issue 13,
-points 2 and 4): a file atomically, a symlink's target (the link stays), a FIFO or device by
+"""User-named outputs are written into whatever the path is, never replacing it:
+a file atomically, a symlink's target (the link stays), a FIFO or device by
 streaming, `-` to stdout; eval prints its metrics before writing them; infer checks every
 request line before loading the model."""
 
@@ -160,6 +160,29 @@ def test_an_os_error_names_the_output_not_the_temporary_file(tmp_path, monkeypat
     output_files.write_text(out, "x")
   assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out)
   _no_temporary_files(tmp_path)
+
+
+def test_a_failed_write_reports_its_own_error_when_the_temporary_file_cannot_go(tmp_path,
+                                                                                monkeypatch):
+  monkeypatch.setattr(os, "fsync", _raise_enospc)
+
+  def refused(path, missing_ok=False):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+  monkeypatch.setattr(pathlib.Path, "unlink", refused)
+  out = tmp_path / "out.txt"
+  with pytest.raises(OSError) as raised:
+    output_files.write_text(out, "x")
+  assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["022", "027"])
+def test_a_new_file_has_the_permissions_the_umask_gives(tmp_path, umask, mode):
+  before = os.umask(umask)
+  try:
+    output_files.write_bytes(tmp_path / "new.bin", b"x")
+  finally:
+    os.umask(before)
+  assert stat.S_IMODE((tmp_path / "new.bin").stat().st_mode) == mode
 
 
 def test_a_directory_is_no_output_file(tmp_path):

@@ -9,8 +9,10 @@ import warnings
 import pytest
 from tensorboardX.proto import event_pb2
 
-from softprompt_jax import run_log
-from softprompt_jax.run_log import RunLog, best_eval, plot_curves, read_metrics, write_summary
+from softprompt_jax import progress
+from softprompt_jax.curves import plot_curves
+from softprompt_jax.run_log import RunLog, best_eval, read_metrics
+from softprompt_jax.run_summary import write_summary
 
 
 class FakeClock:
@@ -150,7 +152,7 @@ def test_progress_line_on_a_tty_shows_rates_and_eta_without_the_compile_step(tmp
   assert "| 4 steps/s |" in bar  # window of 20 calls, 0.25 s per step
   assert "| 2.05k tokens/s |" in bar
   assert "ETA 3m45s" in bar  # 900 steps at 4 steps/s
-  assert bar.rstrip().endswith("loss 0.125")
+  assert bar.endswith("loss 0.125\x1b[K")  # what a longer line left is erased
 
   log.message("hello")
   out = stream.getvalue()
@@ -260,7 +262,7 @@ def test_write_summary_is_valid_json_and_prints_the_highlights(tmp_path):
 
 
 def test_duration_and_rate_formats():
-  assert [run_log._format_duration(s) for s in (None, 0, 59.4, 61, 3725, 90000)] == [
+  assert [progress.format_duration(s) for s in (None, 0, 59.4, 61, 3725, 90000)] == [
       "--", "0s", "59s", "1m01s", "1h02m", "1d01h"]
-  assert [run_log._format_rate(r) for r in (None, 0.3512, 12.34, 45600, 1.2e6)] == [
+  assert [progress.format_rate(r) for r in (None, 0.3512, 12.34, 45600, 1.2e6)] == [
       "--", "0.351", "12.3", "45.6k", "1.2M"]

@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from softprompt_jax import output_files
 from softprompt_jax.pretrained import sha256
 
 # Files above this size are fingerprinted by their size and first/last blocks, not fully hashed:
@@ -128,14 +129,11 @@ class PromptCheckpoints:
         raise refused from error
       held.replay()
     if jax.process_index() == 0:
-      tmp = step_dir / (INTEGRITY_FILE + ".tmp")
-      try:
-        tmp.write_text(json.dumps(_file_digests(step_dir), indent=0))
-        os.replace(tmp, step_dir / INTEGRITY_FILE)  # atomic: the file is whole or absent
+      try:  # atomic: the file is whole or absent
+        output_files.write_text(step_dir / INTEGRITY_FILE,
+                                json.dumps(_file_digests(step_dir), indent=0))
       except OSError as error:
         # The step itself is complete (orbax renamed it): it stays, restorable, unverified.
-        with contextlib.suppress(OSError):
-          tmp.unlink(missing_ok=True)
         refused = _refused_write(error, step_dir / INTEGRITY_FILE)
         if refused is None:
           raise
