@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
   from softprompt_jax.pretrained import TINY_MODEL_DIR, verify_checksums
   from softprompt_jax.prompted import PromptedT5
   from softprompt_jax.tokenizers import ByteVocabulary
-  from softprompt_jax.trainer import train
+  from softprompt_jax.training_loop import train
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,7 @@ trained from scratch, all weights, on the mixture of every `synthetic_<name>` ta
 starts with its written instruction ("reverse the words: cat dog apple"). The same word lists
 serve every task (in training, half the lists of the other tasks also hold sentiment words), so
 without the instruction the input does not say which task is meant; the model learns tasks only
-through their instruction, which leaves the taskless versions as headroom for a soft prompt
-(issue #6).
+through their instruction, which leaves the taskless versions as headroom for a soft prompt.
 
 Everything (data, data order, init) follows from --seed. The output directory gets the
 checkpoint as save_hf_t5 writes it (config.json + model.safetensors, which load_t5 reads) and
@@ -234,7 +233,7 @@ def main(argv=None) -> None:
   history = []
   window_start, losses = time.time(), []
   for step in range(1, args.steps + 1):
-    batch = next(streams[choose.choice(len(streams), p=weights)])
+    batch = next(streams[choose.choice(len(streams), p=weights)]).arrays
     batch.pop("prompt_ids", None)  # a mixture's per-task prompt ids: a plain T5 takes none
     state, metrics = train(state, frozen, batch, rng)
     losses.append(metrics["loss"])

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
+import glob
+import importlib.util
 import inspect
 import os
 import pathlib
 import signal
 import sys
-import tempfile
-import time
 import traceback
-from typing import Optional
 
-from softprompt_jax.multihost import PEER_LOST_STATUS, DistributedError
+import gin
+import jax
+
+from softprompt_jax import generate, gin_setup, multihost, output_files
+from softprompt_jax.demo import run_demo
+from softprompt_jax.errors import ConfigError, UsageError, is_user_error, one_line
+from softprompt_jax.inference import export_prompt
+from softprompt_jax.multihost import PEER_LOST_STATUS
+from softprompt_jax.partitioning import is_primary_process
+from softprompt_jax.preemption import Interrupted, Preempted, SignalsAsExceptions
+from softprompt_jax.run_layout import CHECKPOINT_SUBDIR, CONFIG_FILE, OPERATIVE_CONFIG_FILE
 from softprompt_jax.run_lock import RunDirectoryBusy, RunLock
+from softprompt_jax.training_loop import ALREADY_COMPLETE
 
 TRACEBACK_ENV = "SOFTPROMPT_JAX_TRACEBACK"
 # Exit status of a run stopped by a configuration or input error (argparse's usage status).
@@ -25,68 +34,14 @@ USAGE_STATUS = 2
 MULTI_HOST_COMMANDS = ("train", "eval", "infer")
 
 
-class UsageError(ValueError):
-  """A command line that cannot work (an unknown argument, a missing option)."""
-
-
-def _generate(args, extra=()) -> int:
+def _generate(args, extra) -> int:
   if extra:
     raise UsageError(f"unknown arguments {extra}")
-  import jax
-  import numpy as np
-
-  from softprompt_jax import decoding
-  from softprompt_jax.loading import load_t5
-  from softprompt_jax.tokenizers import get_vocabulary
-
-  try:
-    vocab = get_vocabulary(args.vocab)
-  except ValueError as e:  # an unknown name, or a file that is no SentencePiece model
-    raise UsageError(f"--vocab: {e}") from None
-  checkpoint = args.checkpoint
-  if checkpoint is None:
-    checkpoint = _write_tiny_random_checkpoint(pathlib.Path(tempfile.mkdtemp()) / "tiny_t5",
-                                               args.seed)
-    print(f"no --checkpoint given: wrote a tiny randomly initialised ByT5-style model to "
-          f"{checkpoint} (its output is arbitrary bytes; it shows the load-and-decode path)")
-  start = time.perf_counter()
-  model, params = load_t5(checkpoint, dropout_rate=0.0)
-  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  print(f"loaded {checkpoint}: {n_params:,} parameters in {time.perf_counter() - start:.1f}s; "
-        f"{model.config.num_encoder_layers}+{model.config.num_decoder_layers} layers, "
-        f"d_model {model.config.emb_dim}")
-  tokens = vocab.encode_batch(args.input, max_length=args.max_input_length)
-  start = time.perf_counter()
-  if args.method == "beam":
-    out = decoding.beam_search(model, params, tokens, args.max_length, num_beams=args.num_beams)
-  elif args.method == "sample":
-    out = decoding.sample_decode(model, params, tokens, args.max_length,
-                                 rng=jax.random.PRNGKey(args.seed), temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p)
-  else:
-    out = decoding.greedy_decode(model, params, tokens, args.max_length)
-  out = np.asarray(out)
-  print(f"{args.method} decoding of {len(args.input)} inputs took "
-        f"{time.perf_counter() - start:.1f}s (compilation included)")
-  for text, ids in zip(args.input, out):
-    print(f"  {text!r} -> {vocab.decode(ids)!r}  ids={ids.tolist()}")
-  return 0
-
-
-def _write_tiny_random_checkpoint(directory: pathlib.Path, seed: int) -> pathlib.Path:
-  import jax
-
-  from softprompt_jax.checkpoints.hf_writer import save_hf_t5
-  from softprompt_jax.t5 import T5, init_params
-  from softprompt_jax.t5_config import tiny_config
-  config = tiny_config("byt5", vocab_size=384, emb_dim=32, mlp_dim=64, num_decoder_layers=1)
-  params, _ = init_params(T5(config), jax.random.PRNGKey(seed))
-  return save_hf_t5(directory, params, config)
+  return generate.run_generate(args)
 
 
 def _gin_run(args, extra) -> int:
   """train / eval / infer / interpret: parse gin as t5x does, then call the bound function."""
-  from softprompt_jax import gin_setup
   bindings = list(args.gin_bindings)
   for item in extra:
     if not item.startswith("--gin."):
@@ -106,7 +61,6 @@ def _gin_run(args, extra) -> int:
   try:
     status = _run_configurable(args, configurables[name], passed)
   except BaseException as error:
-    from softprompt_jax.preemption import Preempted
     if watch is not None and isinstance(error, Preempted):
       watch.done()  # every process stops alike at a preemption: nothing to tell the others
     elif watch is not None:
@@ -133,7 +87,7 @@ def _run_configurable(args, configurable, passed: dict) -> int:
       raise UsageError("give --model_dir (the run directory, where checkpoints and logs go)")
     return _train(pathlib.Path(run_dir), configurable)
   result = configurable()
-  if args.command == "infer" and _is_primary():
+  if args.command == "infer" and is_primary_process():
     print(f"wrote {result} predictions", file=_message_stream(_bound_value("infer.output_file")))
   return 0
 
@@ -141,29 +95,19 @@ def _run_configurable(args, configurable, passed: dict) -> int:
 def _message_stream(output):
   """Where to say what was written: stderr when the output itself is stdout (`-`,
   /dev/stdout), which a message would corrupt; else stdout."""
-  from softprompt_jax import output_files
   return sys.stderr if output_files.is_stdout(output) else sys.stdout
 
 
 def _initialize_distributed(args):
   """`multihost.join` with this command's flags (the environment fills what they leave out)."""
-  from softprompt_jax import multihost
   return multihost.join(
       f"softprompt-jax {args.command}", coordinator_address=args.coordinator_address,
       num_processes=args.num_processes, process_id=args.process_id,
       peer_timeout_s=args.peer_timeout_s, initialization_timeout_s=args.initialization_timeout_s)
 
 
-def _is_primary() -> bool:
-  from softprompt_jax.partitioning import is_primary_process
-  return is_primary_process()
-
-
 def _check_required_bound(name: str, fn, passed: dict) -> None:
   """A required parameter left unbound is a configuration error, not a TypeError mid-call."""
-  import gin
-
-  from softprompt_jax.trainer import ConfigError
   for param in inspect.signature(fn).parameters.values():
     if param.default is not inspect.Parameter.empty or param.name in passed:
       continue
@@ -177,7 +121,6 @@ def _check_required_bound(name: str, fn, passed: dict) -> None:
 
 def _bound_value(selector: str):
   """The value gin binds to `selector`, through one macro (`train.model_dir = %MODEL_DIR`)."""
-  import gin
   value = gin.query_parameter(selector)
   if isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro":
     value = gin.query_parameter(str(value))  # "%NAME" queries the macro
@@ -187,11 +130,6 @@ def _bound_value(selector: str):
 def _train(run_dir: pathlib.Path, train) -> int:
   """Records the configuration in the run directory; a run that fails before its first
   checkpoint (a configuration error) leaves the directory as it found it."""
-  import gin
-
-  from softprompt_jax.output_files import write_text
-  from softprompt_jax.partitioning import is_primary_process
-  from softprompt_jax.trainer import ALREADY_COMPLETE
   primary = is_primary_process()  # only process 0 writes the record
   if run_dir.exists() and not run_dir.is_dir():
     raise UsageError(f"--model_dir {run_dir} is a file; give a directory (new or a run's)")
@@ -205,13 +143,13 @@ def _train(run_dir: pathlib.Path, train) -> int:
       if created:
         run_dir.rmdir()
       raise
-  config_file = run_dir / "config.gin"
+  config_file = run_dir / CONFIG_FILE
   previous = config_file.read_text() if config_file.is_file() else None
   steps_before = _checkpoint_names(run_dir)
   try:
     # Atomic (as every record): a full disk leaves the old file or none, never a part.
     if primary and previous != gin.config_str():  # a rerun leaves the record as it is
-      write_text(config_file, gin.config_str())
+      output_files.write_text(config_file, gin.config_str())
     result = train()
   except BaseException:  # a preemption has saved a checkpoint: the record stays
     lock.release()
@@ -222,24 +160,23 @@ def _train(run_dir: pathlib.Path, train) -> int:
         if previous is None:
           config_file.unlink(missing_ok=True)
         elif config_file.read_text() != previous:
-          write_text(config_file, previous)
+          output_files.write_text(config_file, previous)
         if created and not any(run_dir.iterdir()):
           run_dir.rmdir()
     raise
   lock.release()
-  operative = run_dir / "operative_config.gin"
+  operative = run_dir / OPERATIVE_CONFIG_FILE
   if primary and not (result.get(ALREADY_COMPLETE) and operative.is_file()):
-    write_text(operative, gin.operative_config_str())  # written once it is whole
+    output_files.write_text(operative, gin.operative_config_str())  # written once it is whole
   return 0
 
 
 def _checkpoint_names(run_dir: pathlib.Path) -> list[str]:
-  directory = run_dir / "checkpoints"
+  directory = run_dir / CHECKPOINT_SUBDIR
   return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
 
 
 def _export(args, extra) -> int:
-  from softprompt_jax.inference import export_prompt
   if extra:
     raise UsageError(f"unknown arguments {extra}")
   out = export_prompt(args.model_dir, args.out)
@@ -250,7 +187,6 @@ def _export(args, extra) -> int:
 def _demo(args, extra) -> int:
   if extra:
     raise UsageError(f"unknown arguments {extra}")
-  from softprompt_jax.demo import run_demo
   run_demo(args.run_dir, task_name=args.task, prompt_length=args.prompt_length, steps=args.steps,
            model_tuning_steps=args.model_tuning_steps, eval_examples=args.eval_examples,
            seed=args.seed)
@@ -334,8 +270,6 @@ def _no_tpu_lookup_without_a_tpu() -> None:
   """With libtpu installed (the [tpu] and [test] extras) JAX looks for a TPU, and on a machine
   without one libtpu prints a page of warnings: skip the TPU where none can be (no /dev/accel*,
   no /dev/vfio) and no GPU plugin is installed either. JAX_PLATFORMS, when set, decides."""
-  import glob
-  import importlib.util
   if os.environ.get("JAX_PLATFORMS") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*"):
     return
   if importlib.util.find_spec("libtpu") is None:
@@ -343,7 +277,6 @@ def _no_tpu_lookup_without_a_tpu() -> None:
   if any(importlib.util.find_spec(f"jax_{kind}_plugin") for kind in
          ("cuda12", "cuda13", "rocm6", "rocm7")):
     return
-  import jax
   jax.config.update("jax_platforms", "cpu")
 
 
@@ -354,7 +287,6 @@ def main(argv=None) -> int:
   saving a checkpoint returns 143 / 130 (128 + the signal, as a shell reports a process the
   signal ended: not 0, so no supervisor takes the run for complete); a multi-host process that
   lost another exits with PEER_LOST_STATUS (75). Rerunning the same command resumes both."""
-  from softprompt_jax.preemption import Interrupted, Preempted, SignalsAsExceptions
   args, extra = build_parser().parse_known_args(argv)
   _no_tpu_lookup_without_a_tpu()
   try:
@@ -388,72 +320,6 @@ def _report(args, error: Exception) -> int:
     return 1
   print(f"softprompt-jax {args.command}: error: {one_line(error)}", file=sys.stderr, flush=True)
   return USAGE_STATUS
-
-
-def is_user_error(error: BaseException) -> bool:
-  """Errors whose message says what is wrong with the configuration or the inputs and what to
-  do; a traceback would only hide it. (Imported here: the modules are loaded by then.)"""
-  if isinstance(error, (UsageError, DistributedError)):
-    return True
-  from softprompt_jax import prompts
-  from softprompt_jax.checkpoints.reader import CheckpointError
-  from softprompt_jax.data.readers import DataError
-  from softprompt_jax.data.tasks import RecordError, UnknownTaskError
-  from softprompt_jax.gin_setup import unwrap
-  from softprompt_jax.pretrained import ChecksumError
-  from softprompt_jax.trainer import ConfigError, NumericalError
-  user_errors = (UsageError, DistributedError, RunDirectoryBusy, ConfigError, NumericalError,
-                 DataError, RecordError, UnknownTaskError, CheckpointError, prompts.PromptShapeError,
-                 prompts.PromptFileError, ChecksumError, FileNotFoundError, NotADirectoryError,
-                 IsADirectoryError, PermissionError)
-  error = unwrap(error)
-  return isinstance(error, user_errors) or is_disk_error(error)
-
-
-# A file system that refuses a write: full, over quota or read-only. The user frees space or
-# points the run elsewhere; a traceback would add nothing.
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def disk_error(error: BaseException) -> Optional[OSError]:
-  """The OSError (possibly raised inside a library, as the cause or context of its own error)
-  whose errno says the disk refused a write; None if there is none."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
-      return error
-    error = error.__cause__ or error.__context__
-  return None
-
-
-def is_disk_error(error: BaseException) -> bool:
-  return disk_error(error) is not None
-
-
-def describe_disk_error(error: OSError) -> str:
-  where = f" {error.filename}" if error.filename else ""
-  return (f"cannot write{where}: {error.strerror or os.strerror(error.errno)}; free space or "
-          "make it writable (or choose another path), then run the same command again (train "
-          "resumes from its last checkpoint)")
-
-
-def one_line(error: BaseException, max_parts: int = 12) -> str:
-  """The error's message on one line: gin's appended call location dropped, the lines of a
-  multi-line message (a checkpoint mismatch lists one array a line) joined with '; '."""
-  from softprompt_jax.gin_setup import unwrap
-  disk = disk_error(error)
-  if disk is not None:
-    return describe_disk_error(disk)
-  lines = [line.strip() for line in str(unwrap(error)).splitlines() if line.strip()]
-  if not lines:
-    return type(error).__name__
-  if len(lines) > max_parts:
-    lines = lines[:max_parts] + [f"... {len(lines) - max_parts} more (--traceback shows all)"]
-  text = lines[0]
-  for line in lines[1:]:
-    text += (" " if text.endswith(":") else "; ") + line
-  return text
 
 
 if __name__ == "__main__":

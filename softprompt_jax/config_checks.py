@@ -19,9 +19,7 @@ import dataclasses
 import numbers
 from typing import Any, Callable, Mapping, Optional
 
-
-class ConfigError(ValueError):
-  """A run configuration that cannot work; raised before any expensive step."""
+from softprompt_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,34 +18,32 @@ import shutil
 import time
 
 import jax
-import numpy as np
 
-from softprompt_jax import decoding, interpret, optim, prompts
+from softprompt_jax import interpret, optim, output_files, prompts
 from softprompt_jax import train_step as ts
 from softprompt_jax.data import get_task, pipeline, synthetic
 from softprompt_jax.model_spec import frozen_model, load_frozen
 from softprompt_jax.pretrained import TINY_MODEL_DIR, verify_checksums
-from softprompt_jax.prompted import PromptedT5
+from softprompt_jax.evaluation import decode_in_batches
+from softprompt_jax.prompted import PromptedT5, with_prompt
+from softprompt_jax.run_layout import (CURVES_FILE, INTERPRETATION_FILE, PROMPT_FILE,
+                                       SUMMARY_FILE)
 from softprompt_jax.t5 import T5
 from softprompt_jax.tokenizers import ByteVocabulary
-from softprompt_jax.trainer import train
+from softprompt_jax.training_loop import train
 
 INPUT_LENGTH = 96
 TARGET_LENGTH = 16
 
 
-def _accuracy(model, params, task, records, vocab, batch_size=50, **encoder_kwargs) -> float:
+def _accuracy(model, params, task, records, vocab, batch_size=50) -> float:
   """Exact-match accuracy of greedy answers on `records` (a fraction in [0, 1])."""
   examples = [task.format(r) for r in records]
-  correct = 0
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    tokens = vocab.encode_batch([e["inputs"] for e in chunk], max_length=INPUT_LENGTH)
-    tokens = np.pad(tokens, ((0, batch_size - len(chunk)), (0, 0)))
-    out = np.asarray(decoding.greedy_decode(model, params, tokens, TARGET_LENGTH,
-                                            **encoder_kwargs))
-    correct += sum(vocab.decode(row).strip() == e["targets"] for row, e in zip(out, chunk))
-  return correct / len(examples)
+  tokens = vocab.encode_batch([e["inputs"] for e in examples], max_length=INPUT_LENGTH)
+  out = decode_in_batches(model, params, tokens, batch_size=batch_size,
+                          target_length=TARGET_LENGTH)
+  return sum(vocab.decode(row).strip() == e["targets"] for row, e in zip(out, examples)) / len(
+      examples)
 
 
 def _model_tuning(config, frozen, task, vocab, steps, batch_size, seed):
@@ -59,7 +57,7 @@ def _model_tuning(config, frozen, task, vocab, steps, batch_size, seed):
                                    input_length=INPUT_LENGTH, target_length=TARGET_LENGTH,
                                    seed=seed)
   for _ in range(steps):
-    state, _ = train(state, rest, next(batches), jax.random.PRNGKey(seed))
+    state, _ = train(state, rest, next(batches).arrays, jax.random.PRNGKey(seed))
   return model, optim.merge(state.trainable, rest)
 
 
@@ -88,9 +86,9 @@ def run_demo(run_dir, *, task_name: str = "sentiment", prompt_length: int = 20,
         batch_size=batch_size, input_length=INPUT_LENGTH, target_length=TARGET_LENGTH,
         dropout_rate=0.0, eval_every=max(steps // 3, 1), eval_max_examples=eval_examples,
         keep_checkpoints=1, seed=seed, log_every=max(steps // 20, 1))
-  prompt = prompts.load_npy(tuned_dir / "prompt.npy")
+  prompt = prompts.load_npy(tuned_dir / PROMPT_FILE)
   prompted = PromptedT5(config, prompt_length=prompt_length)
-  results["prompt_tuning"] = _accuracy(prompted, {**frozen, "prompt": {"prompt": prompt}},
+  results["prompt_tuning"] = _accuracy(prompted, with_prompt(frozen, prompt),
                                        taskless, test, vocab)
   tuned_model, tuned_params = _model_tuning(config, frozen, taskless, vocab, model_tuning_steps,
                                             batch_size, seed)
@@ -99,15 +97,15 @@ def run_demo(run_dir, *, task_name: str = "sentiment", prompt_length: int = 20,
   n_model = int(sum(x.size for x in jax.tree_util.tree_leaves(frozen)))
   trainable = {"no_prompt": 0, "instruction": 0, "prompt_tuning": int(prompt.size),
                "model_tuning": n_model}
-  prompts.save_npy(run_dir / "prompt.npy", prompt)
-  shutil.copy(tuned_dir / "curves.png", run_dir / "curves.png")
+  prompts.save_npy(run_dir / PROMPT_FILE, prompt)
+  shutil.copy(tuned_dir / CURVES_FILE, run_dir / CURVES_FILE)
   reading = interpret.describe(prompt, frozen["token_embedder"]["embedding"], vocab, k=5)
-  (run_dir / "interpretation.json").write_text(json.dumps(reading, indent=1,
-                                                          ensure_ascii=False))
+  output_files.write_text(run_dir / INTERPRETATION_FILE,
+                          json.dumps(reading, indent=1, ensure_ascii=False))
   summary = {**results, "trainable_parameters": trainable, "task": taskless.name,
              "prompt_length": prompt_length, "steps": steps, "seed": seed,
              "eval_examples": eval_examples, "wall_time_s": round(time.time() - start, 1)}
-  (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+  output_files.write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
   print(f"\nheld-out accuracy on {taskless.name} ({eval_examples} test examples, seed {seed}):")
   print(f"  {'setting':<15}{'accuracy':>10}{'trainable params':>20}")
   for name in ("no_prompt", "instruction", "prompt_tuning", "model_tuning"):

@@ -16,7 +16,8 @@ from typing import Sequence
 
 import gin
 
-from softprompt_jax import inference, model_spec, optim, prompts, trainer
+from softprompt_jax import inference, model_spec, optim, prompts, training_loop
+from softprompt_jax.errors import ConfigError
 
 _REGISTERED: dict = {}
 
@@ -24,7 +25,7 @@ _REGISTERED: dict = {}
 def _entries() -> list:
   """(function, gin name, gin module, the rules its parameters are checked by)."""
   entries = [
-      (trainer.train, "train", None, trainer.TRAIN_RULES),
+      (training_loop.train, "train", None, training_loop.TRAIN_RULES),
       (inference.evaluate, "evaluate", None, inference.EVALUATE_RULES),
       (inference.infer, "infer", None, inference.INFER_RULES),
       (inference.interpret_prompt, "interpret", None, inference.INTERPRET_RULES),
@@ -32,8 +33,8 @@ def _entries() -> list:
       (optim.adafactor, "adafactor", "optim", optim.ADAFACTOR_RULES),
       (optim.adam, "adam", "optim", optim.ADAM_RULES),
   ]
-  for name, fn in prompts.INITIALIZERS.items():
-    entries.append((fn, name, "prompts", prompts.INITIALIZER_RULES[name]))
+  for name, entry in prompts.INITIALIZERS.items():
+    entries.append((entry.factory, name, "prompts", prompts.INITIALIZER_RULES[name]))
   return entries
 
 
@@ -90,20 +91,9 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str | No
                                         finalize_config=False)
     gin.finalize()
   except Exception as e:  # gin raises many types; here each one means a configuration error
-    raise trainer.ConfigError(f"gin configuration: {describe_error(e)}") from None
+    raise ConfigError(f"gin configuration: {describe_error(e)}") from None
   finally:
     root.setLevel(level)
-
-
-def unwrap(error: BaseException) -> BaseException:
-  """The exception gin re-raised with its call location appended to the message (gin wraps it
-  in a proxy class whose __context__ is the original)."""
-  # jaxlib's exception types have an __init__ without a __qualname__.
-  while ("augment_exception_message_and_reraise"
-         in (getattr(type(error).__init__, "__qualname__", None) or "")
-         and error.__context__ is not None):
-    error = error.__context__
-  return error
 
 
 def describe_error(error: BaseException) -> str:

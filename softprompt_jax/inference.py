@@ -11,12 +11,16 @@ import jax
 import numpy as np
 
 from softprompt_jax import config_checks as cc
-from softprompt_jax import decoding, interpret, output_files, prompts
+from softprompt_jax import interpret, output_files, prompts
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted import PromptedT5, make_prompted_params
-from softprompt_jax.trainer import (CHECKPOINT_SUBDIR, PROMPT_FILE, ConfigError,
-                                    _check_vocabulary_fits, _config_of,
-                                    load_vocabulary, run_eval, run_prompt, setup_run)
+from softprompt_jax.errors import ConfigError
+from softprompt_jax.evaluation import decode_in_batches, run_eval
+from softprompt_jax.run_dir import best_prompt, required_meta
+from softprompt_jax.run_layout import (CHECKPOINT_SUBDIR, INTERPRETATION_FILE, PROMPT_FILE,
+                                       eval_file)
+from softprompt_jax.run_setup import (check_vocabulary_fits, load_vocabulary, model_config,
+                                      setup_run)
 
 _PROMPT_SOURCES = "a .npy file, a PEFT adapter directory or a run directory"
 
@@ -57,7 +61,7 @@ def _prompt_values(source) -> np.ndarray:
     from softprompt_jax.peft_interop import load_peft_adapter
     return load_peft_adapter(path)
   if (path / PROMPT_FILE).is_file() or (path / CHECKPOINT_SUBDIR).is_dir():
-    return run_prompt(path)
+    return best_prompt(path)
   raise FileNotFoundError(f"prompt {path}: a directory with no adapter_config.json, "
                           f"{PROMPT_FILE} or {CHECKPOINT_SUBDIR}/; give {_PROMPT_SOURCES}")
 
@@ -99,7 +103,7 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
     print(json.dumps(metrics), flush=True)  # first: the metrics outlive a failed write below
     if model_dir is not None:
       output_files.write_text(
-          pathlib.Path(model_dir) / f"eval_{split}.json",
+          pathlib.Path(model_dir) / eval_file(split),
           json.dumps({"task": setup.task.name, "split": split, "prompt": str(source),
                       "metrics": metrics}, indent=2))
   return metrics
@@ -122,8 +126,8 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
     raise ConfigError("infer needs PROMPTS: a mapping task name -> prompt (.npy / run dir)")
   values = {name: _prompt_values(prompts[name]) for name in names}
   vocab = load_vocabulary(vocabulary)
-  config = _config_of(model, {"dropout_rate": 0.0})  # metadata only
-  _check_vocabulary_fits(vocab, config)
+  config = model_config(model, {"dropout_rate": 0.0})  # metadata only
+  check_vocabulary_fits(vocab, config)
   for name in names:
     _check_prompt_fits(values[name], config, f"PROMPTS[{name!r}] {prompts[name]}")
   shapes = {name: tuple(v.shape) for name, v in values.items()}
@@ -161,8 +165,11 @@ def _decode_requests(net, params, rows, names, vocab, batch_size, input_length,
     ids_BxL = np.zeros((batch_size, target_length), np.int32)  # a process with no batch
     if rank < len(round_starts):
       chunk = rows[round_starts[rank]:round_starts[rank] + batch_size]
-      ids_BxL = _decode_chunk(net, params, chunk, names, vocab, batch_size, input_length,
-                              target_length)
+      tokens = vocab.encode_batch([r["inputs"] for r in chunk], max_length=input_length)
+      ids = np.array([names.index(r["task"]) for r in chunk], np.int32)
+      # Padded to one compiled shape whatever the task mix.
+      ids_BxL[:len(chunk)] = decode_in_batches(net, params, tokens, batch_size=batch_size,
+                                               target_length=target_length, prompt_ids_N=ids)
     gathered = (ids_BxL[None] if world == 1 else
                 np.asarray(multihost_utils.process_allgather(ids_BxL)))  # [world, B, L]
     for start, batch_ids in zip(round_starts, gathered):
@@ -170,19 +177,6 @@ def _decode_requests(net, params, rows, names, vocab, batch_size, input_length,
       texts += [vocab.decode(row) for row in batch_ids[:count]]
     shown.update(len(texts))  # the final line comes when all are done
   return texts
-
-
-def _decode_chunk(net, params, chunk, names, vocab, batch_size, input_length,
-                  target_length) -> np.ndarray:
-  """Greedy token ids [batch_size, target_length] of up to batch_size requests (padded to one
-  compiled shape whatever the task mix)."""
-  tokens = vocab.encode_batch([r["inputs"] for r in chunk], max_length=input_length)
-  ids = np.array([names.index(r["task"]) for r in chunk], np.int32)
-  pad = batch_size - len(chunk)
-  tokens = np.pad(tokens, ((0, pad), (0, 0)))
-  ids = np.pad(ids, (0, pad))
-  out = np.asarray(decoding.greedy_decode(net, params, tokens, target_length, prompt_ids=ids))
-  return np.pad(out, ((0, 0), (0, target_length - out.shape[1]))).astype(np.int32)
 
 
 def _read_requests(path: pathlib.Path, names, get_task) -> list[dict]:
@@ -245,20 +239,20 @@ def interpret_prompt(*, model_dir: str, model: Optional[ModelSpec] = None, vocab
   cc.check("interpret", locals(), INTERPRET_RULES)
   values = _prompt_values(model_dir)
   if model is None or vocabulary is None:
-    meta = _run_meta(model_dir)
+    meta = required_meta(model_dir)
     if model is None:
       spec = dict(meta["model"])
       spec["overrides"] = tuple(sorted(spec["overrides"].items()))
       model = ModelSpec(**spec)
     vocabulary = vocabulary or meta.get("vocabulary")
   vocab = load_vocabulary(vocabulary) if vocabulary else None
-  config = _config_of(model, {})  # metadata only
+  config = model_config(model, {})  # metadata only
   if vocab is not None:
-    _check_vocabulary_fits(vocab, config)
+    check_vocabulary_fits(vocab, config)
   _check_prompt_fits(values, config, str(model_dir))
   config, frozen = load_frozen(model, None)
   rows = interpret.describe(values, frozen["token_embedder"]["embedding"], vocab, k=k)
-  output_files.write_text(pathlib.Path(model_dir) / "interpretation.json",
+  output_files.write_text(pathlib.Path(model_dir) / INTERPRETATION_FILE,
                           json.dumps(rows, indent=1, ensure_ascii=False))
   return rows
 
@@ -274,28 +268,13 @@ def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = Non
   files are each written atomically (a symlinked directory keeps its link)."""
   if not pathlib.Path(model_dir).is_dir():
     raise FileNotFoundError(f"run directory {model_dir} does not exist")
-  values = run_prompt(model_dir)
+  values = best_prompt(model_dir)
   out_path = pathlib.Path(out)
   if out_path.suffix == ".npy" or output_files.is_stream(out):
     prompts.save_npy(out, values)
     return out_path
   from softprompt_jax.peft_interop import save_peft_adapter
-  meta_config = _run_meta(model_dir)["config"]
+  meta_config = required_meta(model_dir)["config"]
   return save_peft_adapter(out_path, values,
                            num_layers=peft_num_layers or meta_config["num_encoder_layers"],
                            num_heads=peft_num_heads or meta_config["num_heads"])
-
-
-def _run_meta(model_dir) -> dict:
-  from softprompt_jax.checkpoints.state import PromptCheckpoints
-  if not (pathlib.Path(model_dir) / CHECKPOINT_SUBDIR).is_dir():  # PromptCheckpoints creates it
-    raise FileNotFoundError(f"{model_dir}: no {CHECKPOINT_SUBDIR}/ to read the run's settings "
-                            "from")
-  checkpoints = PromptCheckpoints(pathlib.Path(model_dir) / CHECKPOINT_SUBDIR)
-  try:
-    steps = checkpoints.steps()
-    if not steps:
-      raise FileNotFoundError(f"{model_dir}: no checkpoints to read the run's settings from")
-    return checkpoints.restore_meta(steps[-1])
-  finally:
-    checkpoints.close()

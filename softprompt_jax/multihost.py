@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Optional
 
+from softprompt_jax.errors import UserError
+
 # EX_TEMPFAIL (sysexits.h): a temporary failure; rerunning every process resumes the run.
 PEER_LOST_STATUS = 75
 _BARRIER = "softprompt_jax/alive"
@@ -27,7 +29,7 @@ _FAILED = "softprompt_jax/failed/"
 _DONE = "softprompt_jax/done/"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
   """The processes of a multi-host run could not find each other, or were told inconsistently
   how to (a user error: one line, exit status 2)."""
 

@@ -17,6 +17,29 @@ from softprompt_jax import prompts
 from softprompt_jax.t5 import T5, LayerInputs, param_with_axes
 
 
+# The prompt as the rest of the code sees it: where it lives in a parameter tree (and in the
+# trainable subtree), and its shape alone or as a bank of task prompts.
+PROMPT_PATH = ("prompt", "prompt")
+
+
+def prompt_shape(prompt_length: int, width: int, num_prompts: Optional[int] = None) -> tuple:
+  """[P, H] for one prompt, [N, P, H] for a bank of N."""
+  return ((prompt_length, width) if num_prompts is None
+          else (num_prompts, prompt_length, width))
+
+
+def get_prompt(params: dict) -> jax.Array:
+  """The prompt held in `params` (a full or trainable parameter tree)."""
+  outer, inner = PROMPT_PATH
+  return params[outer][inner]
+
+
+def with_prompt(params: dict, prompt) -> dict:
+  """`params` with its prompt set to `prompt` (a new outer dict; the rest shared)."""
+  outer, inner = PROMPT_PATH
+  return {**params, outer: {inner: prompt}}
+
+
 class Prompt(nn.Module):
   """The learnable prompt matrix; `embedding_VxH` feeds vocabulary-based initializers."""
   length: int
@@ -26,10 +49,9 @@ class Prompt(nn.Module):
 
   @nn.compact
   def __call__(self, embedding_VxH):
-    if self.num_prompts is None:
-      shape, axes = (self.length, self.features), ("prompt", "prompt_embed")
-    else:
-      shape, axes = (self.num_prompts, self.length, self.features), ("prompts", "prompt", "prompt_embed")
+    shape = prompt_shape(self.length, self.features, self.num_prompts)
+    axes = ("prompt", "prompt_embed") if self.num_prompts is None else (
+        "prompts", "prompt", "prompt_embed")
     init = lambda rng, shape, dtype: self.init_fn(rng, shape, embedding_VxH)
     return param_with_axes(self, "prompt", init, shape, axes)
 
@@ -120,10 +142,9 @@ def make_prompted_params(model: PromptedT5, t5_params: dict, rng: jax.Array,
 
   `prompt_values` ([P, H] or the bank's shape) overrides the module's initializer.
   """
-  shape = ((model.prompt_length, model.config.emb_dim) if model.num_prompts is None
-           else (model.num_prompts, model.prompt_length, model.config.emb_dim))
+  shape = prompt_shape(model.prompt_length, model.config.emb_dim, model.num_prompts)
   init = model.prompt_init if prompt_values is None else prompts.from_array(prompt_values)
   prompt = init(rng, shape, t5_params["token_embedder"]["embedding"])
-  if "prompt" in t5_params:
+  if PROMPT_PATH[0] in t5_params:
     raise ValueError("these params already hold a prompt; pass the frozen T5's params")
-  return {**t5_params, "prompt": {"prompt": jnp.asarray(prompt, jnp.float32)}}
+  return with_prompt(t5_params, jnp.asarray(prompt, jnp.float32))

@@ -7,6 +7,7 @@ vocabulary-based initializations use the real pretrained embeddings, not random 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pathlib
 from typing import Callable, Optional, Sequence
@@ -17,6 +18,7 @@ import numpy as np
 
 from softprompt_jax import config_checks as cc
 from softprompt_jax import output_files
+from softprompt_jax.errors import UserError
 
 PromptInit = Callable[[jax.Array, tuple, jax.Array], jax.Array]
 
@@ -26,11 +28,11 @@ _NPY_MAGIC = b"\x93NUMPY"
 NUM_SPECIAL_IDS = 3
 
 
-class PromptShapeError(ValueError):
+class PromptShapeError(UserError, ValueError):
   """A prompt's shape does not fit the model: both shapes are in the message."""
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
   """A prompt file that is not a plain float array (a pickle, an .npz, a truncated file)."""
 
 
@@ -253,12 +255,30 @@ def _require_embedding(embedding_VxH: Optional[jax.Array], name: str):
     raise ValueError(f"{name} initialization needs the model's token embedding table")
 
 
-INITIALIZERS = {
-    "random_uniform": random_uniform,
-    "sampled_vocab": sampled_vocab,
-    "class_labels": class_labels,
-    "from_text": from_text,
-    "from_npy": from_npy,
-    "from_t5x_checkpoint": from_t5x_checkpoint,
-    "from_peft_adapter": from_peft_adapter,
-}
+@dataclasses.dataclass(frozen=True)
+class Initializer:
+  """A registered initializer factory and what the run passes it besides its gin-bound
+  parameters: `labels` (the task's class labels, as a list of strings) and `vocabulary` (the
+  run's tokenizer), each as a keyword argument of that name. It returns a `PromptInit`,
+  `init(rng, shape, embedding_VxH) -> prompt`."""
+  factory: Callable[..., PromptInit]
+  needs_labels: bool = False
+  needs_vocabulary: bool = False
+
+
+# The initializers a gin file can name as @prompts.<name> (gin_setup registers each one).
+INITIALIZERS: dict[str, Initializer] = {}
+
+
+def register_initializer(name: str, factory: Callable[..., PromptInit], *,
+                         needs_labels: bool = False, needs_vocabulary: bool = False) -> None:
+  INITIALIZERS[name] = Initializer(factory, needs_labels, needs_vocabulary)
+
+
+register_initializer("random_uniform", random_uniform)
+register_initializer("sampled_vocab", sampled_vocab)
+register_initializer("class_labels", class_labels, needs_labels=True, needs_vocabulary=True)
+register_initializer("from_text", from_text, needs_vocabulary=True)
+register_initializer("from_npy", from_npy)
+register_initializer("from_t5x_checkpoint", from_t5x_checkpoint)
+register_initializer("from_peft_adapter", from_peft_adapter)

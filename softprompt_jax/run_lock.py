@@ -16,10 +16,11 @@ import pathlib
 import socket
 import time
 
-LOCK_FILE = ".lock"
+from softprompt_jax.errors import UserError
+from softprompt_jax.run_layout import LOCK_FILE
 
 
-class RunDirectoryBusy(RuntimeError):
+class RunDirectoryBusy(UserError, RuntimeError):
   """Another process is training in this run directory."""
 
 

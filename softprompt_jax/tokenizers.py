@@ -19,12 +19,14 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece
 
+from softprompt_jax.errors import UserError
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
 
 
-class TokenizerInputError(ValueError):
+class TokenizerInputError(UserError, ValueError):
   """Text that cannot be encoded or ids that cannot be decoded; the message names the culprit."""
 
 

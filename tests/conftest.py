@@ -35,10 +35,11 @@ def no_expensive_work(monkeypatch):
   # Imported before patching: a module first imported under the patch would keep the patched
   # name (`from ... import load_frozen`) after the test.
   import softprompt_jax.inference  # noqa: F401
-  import softprompt_jax.trainer  # noqa: F401
-  for target in ("softprompt_jax.model_spec.load_frozen", "softprompt_jax.trainer.load_frozen",
+  import softprompt_jax.run_setup  # noqa: F401
+  import softprompt_jax.training_loop  # noqa: F401
+  for target in ("softprompt_jax.model_spec.load_frozen", "softprompt_jax.run_setup.load_frozen",
                  "softprompt_jax.inference.load_frozen", "softprompt_jax.loading.load_t5",
                  "softprompt_jax.loading.read_params", "softprompt_jax.partitioning.sharded_steps",
                  "softprompt_jax.prompted.make_prompted_params",
-                 "softprompt_jax.trainer.make_prompted_params"):
+                 "softprompt_jax.run_setup.make_prompted_params"):
     monkeypatch.setattr(target, _forbidden(target))

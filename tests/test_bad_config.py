@@ -1,5 +1,5 @@
 """Bad configurations through the CLI: one line on stderr, exit status 2, and nothing expensive
-(no frozen weights loaded, nothing compiled) before the error (issue #8, point 5)."""
+(no frozen weights loaded, nothing compiled) before the error."""
 
 import os
 import pathlib
@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from softprompt_jax import cli, prompts
+from softprompt_jax import cli, errors, prompts
 from softprompt_jax.checkpoints.reader import CheckpointMismatchError
 from softprompt_jax.checkpoints.state import PromptCheckpoints
 from softprompt_jax.cli import main
@@ -221,11 +221,11 @@ def test_traceback_on_request(tmp_path, capsys, monkeypatch, no_expensive_work):
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
   def broken(**kwargs):
     raise RuntimeError("a bug, not a configuration error")
-  monkeypatch.setattr("softprompt_jax.trainer.setup_run", broken)
+  monkeypatch.setattr("softprompt_jax.training_loop.setup_run", broken)
   with pytest.raises(RuntimeError, match="a bug"):
     main(["train", *SMOKE, "--model_dir", str(tmp_path / "run")])
   # A ValueError that is no project error type is a bug too.
-  monkeypatch.setattr("softprompt_jax.trainer.setup_run",
+  monkeypatch.setattr("softprompt_jax.training_loop.setup_run",
                       lambda **kwargs: np.stack([np.ones(2), np.ones(3)]))
   with pytest.raises(ValueError, match="same shape"):
     main(["train", *SMOKE, "--model_dir", str(tmp_path / "run")])
@@ -234,10 +234,10 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
 def test_multi_line_messages_become_one_line():
   error = CheckpointMismatchError("checkpoint x does not fit the model (2 missing):\n  missing a"
                                   "\n  missing b")
-  assert cli.one_line(error) == "checkpoint x does not fit the model (2 missing): missing a; " \
+  assert errors.one_line(error) == "checkpoint x does not fit the model (2 missing): missing a; " \
       "missing b"
   many = CheckpointMismatchError("head:\n" + "\n".join(f"  line {i}" for i in range(30)))
-  text = cli.one_line(many)
+  text = errors.one_line(many)
   assert "\n" not in text and "line 10" in text and "line 11" not in text
   assert "19 more (--traceback shows all)" in text  # 31 lines, 12 shown
 

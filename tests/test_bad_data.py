@@ -1,4 +1,4 @@
-"""Bad data end to end (issue #8, point 4): each fault in a file read through the batch pipeline
+"""Bad data end to end: each fault in a file read through the batch pipeline
 for a registered task is an error naming file, line and field, or, with bad_records="skip", is
 left out and counted in the iterator's Stats (which the trainer writes to summary.json)."""
 

@@ -32,7 +32,7 @@ def test_every_configurable_parameter_has_a_rule():
     assert set(inspect.signature(fn).parameters) == set(rules), name
 
 
-# The faults the issue measured, each: the binding, then words the one line must hold.
+# The faults a careless user made, each: the binding, then words the one line must hold.
 BAD_VALUES = {
     "batch_size_zero": ("train.batch_size=0", ["train.batch_size=0", "integer >= 1"]),
     "batch_size_negative": ("train.batch_size=-8", ["train.batch_size=-8", ">= 1"]),
@@ -106,7 +106,7 @@ class _Loading(Exception):
 @given(parameter=st.sampled_from(_parameters()), value=LITERALS)
 def test_drawn_bindings_either_pass_the_checks_or_are_one_line_before_loading(
     parameter, value, tmp_path_factory, capsys, monkeypatch):
-  for target in ("softprompt_jax.trainer.load_frozen", "softprompt_jax.trainer._config_of"):
+  for target in ("softprompt_jax.run_setup.load_frozen", "softprompt_jax.run_setup.model_config"):
     monkeypatch.setattr(target, _raise_loading)
   run = tmp_path_factory.mktemp("drawn") / "run"
   capsys.readouterr()
@@ -163,7 +163,7 @@ def test_resuming_with_another_seed_or_other_data_is_refused(tmp_path, capsys, m
   saved = sorted(p.name for p in run.rglob("*"))
 
   with monkeypatch.context() as patch:  # refused from the saved settings, before loading
-    patch.setattr("softprompt_jax.trainer.load_frozen", _raise_loading)
+    patch.setattr("softprompt_jax.run_setup.load_frozen", _raise_loading)
     line = _one_line_error(capsys, [*command, "--gin.train.seed=1"])
     assert "trained with seed=0, now 1" in line, line
     other = {**data, "train": _write_jsonl(tmp_path / "other.jsonl",
@@ -194,7 +194,7 @@ def test_a_signal_before_the_first_step_is_one_line_and_leaves_the_directory(
     os.kill(os.getpid(), signal_number)
     time.sleep(5)  # the handler raises in this thread at once
     raise AssertionError("the signal did not interrupt the run")
-  monkeypatch.setattr("softprompt_jax.trainer.load_frozen", signalled_while_loading)
+  monkeypatch.setattr("softprompt_jax.run_setup.load_frozen", signalled_while_loading)
   run = tmp_path / "run"
   capsys.readouterr()
   before = signal.getsignal(signal_number)

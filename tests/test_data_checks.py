@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from softprompt_jax import inference, progress, trainer
+from softprompt_jax import evaluation, inference, progress, run_setup
 from softprompt_jax.cli import main
 from softprompt_jax.data import DataError, RecordError, cache, check_splits, get_batches, pipeline
 from softprompt_jax.run_log import RunLog
@@ -93,7 +93,7 @@ def test_unnamed_columns_may_repeat(tmp_path):
 
 def _fake_setup(task=TASK):
   from softprompt_jax.data import get_task
-  return trainer.Setup(task=get_task(task), vocabulary=VOCAB, partitioner=None, config=None,
+  return run_setup.Setup(task=get_task(task), vocabulary=VOCAB, partitioner=None, config=None,
                        model=None, params=None, labels=None)
 
 
@@ -102,15 +102,15 @@ def test_eval_counts_truncated_inputs_and_targets(tmp_path, monkeypatch):
   # 8-byte targets "positive" / "negative" do not fit target_length 6.
   _write(tmp_path / "validation.jsonl", _sentiment("short day", 1),
          _sentiment("a rather long sunny day", 1), _sentiment("sad rainy day", 0))
-  monkeypatch.setattr(trainer, "predict", lambda model, params, task, arrays, *a, **k:
+  monkeypatch.setattr(evaluation, "predict", lambda model, params, task, arrays, *a, **k:
                       ["positive"] * len(arrays["encoder_input_tokens"]))
-  metrics = trainer.run_eval(_fake_setup(), None, "validation", data_source=tmp_path,
-                             batch_size=2, input_length=12, target_length=6, max_examples=None)
+  metrics = evaluation.run_eval(_fake_setup(), None, "validation", data_source=tmp_path,
+                                batch_size=2, input_length=12, target_length=6, max_examples=None)
   assert metrics["num_examples"] == 3.0
   assert metrics["num_truncated_inputs"] == 2.0
   assert metrics["num_truncated_targets"] == 3.0
-  metrics = trainer.run_eval(_fake_setup(), None, "validation", data_source=tmp_path,
-                             batch_size=2, input_length=32, target_length=9, max_examples=None)
+  metrics = evaluation.run_eval(_fake_setup(), None, "validation", data_source=tmp_path,
+                                batch_size=2, input_length=32, target_length=9, max_examples=None)
   assert (metrics["num_truncated_inputs"], metrics["num_truncated_targets"]) == (0.0, 0.0)
 
 
@@ -163,9 +163,9 @@ def test_a_split_is_read_once_and_again_when_its_file_changes(tmp_path, monkeypa
 def no_loading(monkeypatch):
   """Loading the frozen model, building the sharded steps or opening checkpoints fails the
   test: the data error must come before them."""
-  for target in ("softprompt_jax.trainer.load_frozen", "softprompt_jax.model_spec.load_frozen",
+  for target in ("softprompt_jax.run_setup.load_frozen", "softprompt_jax.model_spec.load_frozen",
                  "softprompt_jax.partitioning.sharded_steps",
-                 "softprompt_jax.trainer.PromptCheckpoints"):
+                 "softprompt_jax.training_loop.PromptCheckpoints"):
     def fail(*args, target=target, **kwargs):
       raise AssertionError(f"{target} was called before the data error")
     monkeypatch.setattr(target, fail)
@@ -262,13 +262,13 @@ def test_progress_is_shown_by_process_0_only(monkeypatch):
 def test_eval_and_infer_show_progress_on_stderr_never_stdout(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
   _write(tmp_path / "validation.jsonl", *[_sentiment(f"day {i}") for i in range(5)])
-  monkeypatch.setattr(trainer, "predict", lambda model, params, task, arrays, *a, **k:
+  monkeypatch.setattr(evaluation, "predict", lambda model, params, task, arrays, *a, **k:
                       ["positive"] * len(arrays["encoder_input_tokens"]))
-  trainer.run_eval(_fake_setup(), None, "validation", data_source=tmp_path, batch_size=2,
-                   input_length=16, target_length=9, max_examples=None)
-  monkeypatch.setattr(inference, "_decode_chunk", lambda net, params, chunk, names, vocab,
-                      batch_size, input_length, target_length:
-                      np.full((batch_size, target_length), 3 + ord("x"), np.int32))
+  evaluation.run_eval(_fake_setup(), None, "validation", data_source=tmp_path, batch_size=2,
+                      input_length=16, target_length=9, max_examples=None)
+  monkeypatch.setattr(inference, "decode_in_batches", lambda net, params, tokens, *,
+                      batch_size, target_length, prompt_ids_N:
+                      np.full((len(tokens), target_length), 3 + ord("x"), np.int32))
   rows = [{"task": TASK, "inputs": f"day {i}"} for i in range(5)]
   texts = inference._decode_requests(None, None, rows, [TASK], VOCAB, 2, 16, 4)
   assert texts == ["xxxx"] * 5

@@ -277,7 +277,7 @@ def test_train_and_eval_entry_points():
   train = pipeline.train_batches("glue_sst2", "train", VOCAB, batch_size=4, input_length=24,
                                  target_length=10, seed=0, rows=slice(0, 2),
                                  source={"train": _records(10)})
-  arrays = next(train)
+  arrays = next(train).arrays
   assert isinstance(arrays, dict) and arrays["encoder_input_tokens"].shape == (2, 24)
   assert train.state()["position"] == 4
   evaluation = pipeline.eval_batches("glue_sst2", "validation", VOCAB, batch_size=4,

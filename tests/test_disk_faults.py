@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from softprompt_jax.checkpoints.state import INTEGRITY_FILE, PromptCheckpoints
-from softprompt_jax.cli import main, one_line
+from softprompt_jax.cli import main
+from softprompt_jax.errors import one_line
 from softprompt_jax.run_log import RunLog, read_metrics
 
 SMOKE = ["--gin_file", "runs/smoke.gin", "--gin.train.num_steps=30"]  # checkpoints 10, 20, 30

@@ -1,4 +1,4 @@
-"""Property-based tests (issue #8, point 7): any input to the readers, the task formatting and
+"""Property-based tests: any input to the readers, the task formatting and
 the tokenizers either works or raises the project's own clear error (DataError, RecordError,
 TokenizerInputError), never another exception."""
 

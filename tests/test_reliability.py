@@ -19,7 +19,8 @@ import pytest
 from softprompt_jax import gin_setup, optim
 from softprompt_jax.checkpoints.state import INTEGRITY_FILE, PromptCheckpoints
 from softprompt_jax.cli import main
-from softprompt_jax.trainer import NumericalError, run_prompt
+from softprompt_jax.errors import NumericalError
+from softprompt_jax.run_dir import best_prompt
 
 SMOKE = ["--gin_file", "runs/smoke.gin", "--gin.train.num_steps=30"]
 
@@ -112,7 +113,7 @@ def test_partial_save_from_a_kill_mid_write_is_invisible(reference, tmp_path):
   checkpoints = PromptCheckpoints(run / "checkpoints")
   assert checkpoints.steps() == [20, 30]
   checkpoints.close()
-  np.testing.assert_array_equal(run_prompt(run), np.load(reference / "prompt.npy"))
+  np.testing.assert_array_equal(best_prompt(run), np.load(reference / "prompt.npy"))
 
 
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -125,7 +126,7 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
     train(optimizer=optim.adafactor(learning_rate=rate))
   assert _steps(run) == [10]
   assert not (run / "prompt.npy").exists()
-  kept = run_prompt(run)  # the last good checkpoint still restores, and is finite
+  kept = best_prompt(run)  # the last good checkpoint still restores, and is finite
   assert kept.shape == (4, 32) and np.all(np.isfinite(kept))
   assert json.loads((run / "checkpoints" / "10" / INTEGRITY_FILE).read_text())
   assert os.path.isdir(run / "checkpoints" / "10" / "state")

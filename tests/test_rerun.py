@@ -29,7 +29,7 @@ def _snapshot(run) -> dict:
 def _forbid_loading(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("the frozen model was loaded for a run that is already complete")
-  monkeypatch.setattr("softprompt_jax.trainer.load_frozen", fail)
+  monkeypatch.setattr("softprompt_jax.run_setup.load_frozen", fail)
 
 
 def test_a_finished_run_is_recognised_and_every_file_stays(finished, capsys, monkeypatch):

@@ -1,4 +1,4 @@
-"""Safe loading (issue #8, point 6): nothing is unpickled or executed from a file that a user or a
+"""Safe loading: nothing is unpickled or executed from a file that a user or a
 checkpoint supplies. Every loader runs with unpickling made impossible; pickled payloads are
 refused by name or by content, and the code inside them never runs."""
 
@@ -181,7 +181,7 @@ def test_checkpoint_loaders_never_unpickle(tmp_path):
 
 def test_prompt_loaders_never_unpickle(tmp_path):
   from softprompt_jax.inference import _prompt_values
-  from softprompt_jax.trainer import run_prompt
+  from softprompt_jax.run_dir import best_prompt
   values = np.random.RandomState(3).randn(4, 16).astype(np.float32)
   prompts.save_npy(tmp_path / "p.npy", values)
   save_peft_adapter(tmp_path / "adapter", values, num_layers=2, num_heads=2)
@@ -203,7 +203,7 @@ def test_prompt_loaders_never_unpickle(tmp_path):
         "peft": load_peft_adapter(tmp_path / "adapter"),
         "from_peft_adapter": prompts.from_peft_adapter(str(tmp_path / "adapter"))(None, (4, 16)),
         "t5x": prompts.from_t5x_checkpoint(str(ckpt))(None, (4, 16)),
-        "run_checkpoint": run_prompt(run),
+        "run_checkpoint": best_prompt(run),
         "prompt_values_run": _prompt_values(run),
         "prompt_values_peft": _prompt_values(tmp_path / "adapter"),
     }

@@ -13,13 +13,14 @@ from typing import Optional
 
 import numpy as np
 
+from softprompt_jax.errors import UserError
 from softprompt_jax.t5_config import T5Config
 
 ParamPath = tuple[str, ...]
 ShapeDtype = tuple[tuple[int, ...], np.dtype]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint that cannot be read: unknown layout, unreadable or refused file."""
 
 

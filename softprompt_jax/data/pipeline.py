@@ -85,7 +85,6 @@ class BatchIterator:
     self._permutations: dict[tuple[int, int], np.ndarray] = {}
     self.position = 0
     self.stats = Stats()
-    self.arrays_only = False  # next() gives Batch.arrays alone (train_batches)
 
   @property
   def num_examples(self) -> int:
@@ -138,7 +137,7 @@ class BatchIterator:
     examples = [self._example(start + r) for r in range(self.rows.start, self.rows.stop)]
     self.position += self.batch_size
     batch = self._tokenize(examples)
-    return batch.arrays if self.arrays_only else batch
+    return batch
 
   def _tokenize(self, examples: list[dict | None]) -> Batch:
     mask = np.array([ex is not None for ex in examples], dtype=bool)
@@ -368,12 +367,10 @@ def get_batches(task: str | Task | Sequence[str | Task], split: str,
 def train_batches(task, split: str, vocabulary, *, batch_size: int, input_length: int,
                   target_length: int, seed: int = 0, rows=None, source: Source = None,
                   **options) -> BatchIterator:
-  """Endless shuffled batches whose `next()` is the arrays dict alone (the train step's input)."""
-  batches = get_batches(task, split, vocabulary, batch_size=batch_size,
-                        input_length=input_length, target_length=target_length, seed=seed,
-                        rows=rows, source=source, repeat=True, **options)
-  batches.arrays_only = True
-  return batches
+  """Endless shuffled batches (a `Batch`; its `arrays` are the train step's input)."""
+  return get_batches(task, split, vocabulary, batch_size=batch_size,
+                     input_length=input_length, target_length=target_length, seed=seed,
+                     rows=rows, source=source, repeat=True, **options)
 
 
 def eval_batches(task, split: str, vocabulary, *, batch_size: int, input_length: int,

@@ -20,12 +20,14 @@ import pathlib
 import re
 from typing import Any, Callable, Iterator, Sequence
 
+from softprompt_jax.errors import UserError
+
 # A record with where it came from: "file:line" or "file row N".
 Located = tuple[str, dict]
 Source = Any  # str | os.PathLike | Sequence[dict] | Callable[[str], Iterable[dict]] | dict
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A data file that cannot be read as records; the message names the file (and line).
 
   `reason` is a short category ("malformed_json", "invalid_utf8", ...) by which skipped

@@ -14,11 +14,12 @@ import re
 from typing import Any, Callable, Iterable, Sequence
 
 from softprompt_jax import metrics as metrics_lib
+from softprompt_jax.errors import UserError
 
 UNKNOWN_TARGET = "<unk>"  # T5's target for an unlabeled (test-set) record
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
   """A record that a task cannot format: a missing, empty or ill-typed field, an unknown label.
 
   `reason` is a short category ("missing_field", "empty_field", "wrong_type", "unknown_label",
@@ -30,7 +31,7 @@ class RecordError(ValueError):
     self.reason = reason
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(UserError, KeyError):
   def __str__(self) -> str:  # KeyError would quote the message
     return str(self.args[0])
 

@@ -12,11 +12,13 @@ import json
 import os
 import pathlib
 
+from softprompt_jax.errors import UserError
+
 TINY_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "tiny_byt5"
 MANIFEST = "manifest.json"
 
 
-class ChecksumError(ValueError):
+class ChecksumError(UserError, ValueError):
   """A shipped file whose sha256 is not the one its manifest records."""
 
 
