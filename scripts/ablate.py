@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
   from softprompt_jax.demo import INPUT_LENGTH, TARGET_LENGTH, _accuracy
   from softprompt_jax.model_spec import frozen_model, load_frozen
   from softprompt_jax.pretrained import TINY_MODEL_DIR, verify_checksums
-  from softprompt_jax.prompted import PromptedT5
+  from softprompt_jax.prompted_t5 import PromptedT5
   from softprompt_jax.tokenizers import ByteVocabulary
   from softprompt_jax.training_loop import train
 

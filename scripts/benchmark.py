@@ -278,7 +278,7 @@ def build(size: str, s: dict):
 
   from softprompt_jax import pretrained
   from softprompt_jax.model_spec import frozen_model, load_frozen
-  from softprompt_jax.prompted import PromptedT5, make_prompted_params
+  from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
   dtype = s.get("dtype", "float32")
   # Dropout off on both sides, so ours and PEFT's compute the same function (checked below).
   if size == "embedded":  # the real shipped weights
@@ -489,7 +489,7 @@ def mixed_batches(model, params, s: dict, enc) -> dict:
   import numpy as np
 
   from softprompt_jax import decoding
-  from softprompt_jax.prompted import PromptedT5
+  from softprompt_jax.prompted_t5 import PromptedT5
   single, config = model, model.config
   bank = PromptedT5(config, prompt_length=s["prompt_len"], num_prompts=NUM_BANK_PROMPTS)
   bank_params = {**params, "prompt": {"prompt": jax.random.uniform(
@@ -566,7 +566,7 @@ def trace(size: str, s: dict) -> dict:
 
   from softprompt_jax import flops, optim
   from softprompt_jax import train_step as ts
-  from softprompt_jax.prompted import PromptedT5
+  from softprompt_jax.prompted_t5 import PromptedT5
   from softprompt_jax.t5 import init_params
   config = model_config(size, s["dtype"])
   model = PromptedT5(config, prompt_length=s["prompt_len"])

@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
 
   from softprompt_jax import optim, partitioning
   from softprompt_jax import train_step as ts
-  from softprompt_jax.prompted import PromptedT5
+  from softprompt_jax.prompted_t5 import PromptedT5
   from softprompt_jax.t5_config import t5_config
 
   input_len, target_len = (int(x) for x in args.lengths.split(","))

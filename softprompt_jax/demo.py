@@ -19,13 +19,13 @@ import time
 
 import jax
 
-from softprompt_jax import interpret, optim, output_files, prompts
+from softprompt_jax import nearest_tokens, optim, output_files, prompts
 from softprompt_jax import train_step as ts
 from softprompt_jax.data import get_task, pipeline, synthetic
 from softprompt_jax.model_spec import frozen_model, load_frozen
 from softprompt_jax.pretrained import TINY_MODEL_DIR, verify_checksums
 from softprompt_jax.evaluation import decode_in_batches
-from softprompt_jax.prompted import PromptedT5, with_prompt
+from softprompt_jax.prompted_t5 import PromptedT5, with_prompt
 from softprompt_jax.run_layout import (CURVES_FILE, INTERPRETATION_FILE, PROMPT_FILE,
                                        SUMMARY_FILE)
 from softprompt_jax.t5 import T5
@@ -99,7 +99,7 @@ def run_demo(run_dir, *, task_name: str = "sentiment", prompt_length: int = 20,
                "model_tuning": n_model}
   prompts.save_npy(run_dir / PROMPT_FILE, prompt)
   shutil.copy(tuned_dir / CURVES_FILE, run_dir / CURVES_FILE)
-  reading = interpret.describe(prompt, frozen["token_embedder"]["embedding"], vocab, k=5)
+  reading = nearest_tokens.describe(prompt, frozen["token_embedder"]["embedding"], vocab, k=5)
   output_files.write_text(run_dir / INTERPRETATION_FILE,
                           json.dumps(reading, indent=1, ensure_ascii=False))
   summary = {**results, "trainable_parameters": trainable, "task": taskless.name,

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 
 from softprompt_jax import config_checks as cc
-from softprompt_jax import interpret, output_files, prompts
+from softprompt_jax import nearest_tokens, output_files, prompts
 from softprompt_jax.model_spec import ModelSpec, load_frozen
-from softprompt_jax.prompted import PromptedT5, make_prompted_params
+from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 from softprompt_jax.errors import ConfigError
 from softprompt_jax.evaluation import decode_in_batches, run_eval
 from softprompt_jax.run_dir import best_prompt, required_meta
@@ -54,7 +54,7 @@ def _prompt_values(source) -> np.ndarray:
     raise FileNotFoundError(f"prompt {path} does not exist; give {_PROMPT_SOURCES}")
   if path.is_file():
     if is_pickle_file(path):
-      from softprompt_jax.checkpoints.reader import CheckpointError
+      from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
       raise CheckpointError(f"prompt {path} is a pickle; refusing to load it. {SAFE_ALTERNATIVE}")
     return prompts.load_npy(path)
   if (path / "adapter_config.json").is_file():
@@ -251,7 +251,7 @@ def interpret_prompt(*, model_dir: str, model: Optional[ModelSpec] = None, vocab
     check_vocabulary_fits(vocab, config)
   _check_prompt_fits(values, config, str(model_dir))
   config, frozen = load_frozen(model, None)
-  rows = interpret.describe(values, frozen["token_embedder"]["embedding"], vocab, k=k)
+  rows = nearest_tokens.describe(values, frozen["token_embedder"]["embedding"], vocab, k=k)
   output_files.write_text(pathlib.Path(model_dir) / INTERPRETATION_FILE,
                           json.dumps(rows, indent=1, ensure_ascii=False))
   return rows

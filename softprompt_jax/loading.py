@@ -21,7 +21,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax.checkpoints import hf, t5x
-from softprompt_jax.checkpoints.reader import (CheckpointError, CheckpointMismatchError,
+from softprompt_jax.checkpoints.checkpoint_reader import (CheckpointError, CheckpointMismatchError,
                                                CheckpointReader, ParamPath, is_floating,
                                                join_path)
 from softprompt_jax.t5 import T5

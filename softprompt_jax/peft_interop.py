@@ -54,7 +54,7 @@ def load_peft_adapter(directory) -> np.ndarray:
   only; a pickled `adapter_model.bin` is refused by name, unread."""
   from safetensors.numpy import load_file
 
-  from softprompt_jax.checkpoints.reader import CheckpointError
+  from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
   directory = pathlib.Path(directory)
   config_path = directory / ADAPTER_CONFIG
   if not config_path.is_file():

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 import numpy as np
 import orbax.checkpoint as ocp
 
-from softprompt_jax import prompted, prompts
+from softprompt_jax import prompted_t5, prompts
 from softprompt_jax.checkpoints.state import PromptCheckpoints, abstract_like
 from softprompt_jax.run_layout import (CHECKPOINT_SUBDIR, CONFIG_FILE, OPERATIVE_CONFIG_FILE,
                                        PROMPT_FILE, SUMMARY_FILE)
@@ -69,7 +69,7 @@ def best_prompt(model_dir) -> np.ndarray:
   step_dir = model_dir / CHECKPOINT_SUBDIR / str(best_step(model_dir, meta)) / "state"
   # The trained state's tree as saved, without building a model to restore it into.
   restored = ocp.StandardCheckpointer().restore(step_dir.absolute())
-  return np.asarray(prompted.get_prompt(restored["trainable"]), np.float32)
+  return np.asarray(prompted_t5.get_prompt(restored["trainable"]), np.float32)
 
 
 def completed_summary(model_dir: pathlib.Path, num_steps: int,
@@ -107,7 +107,7 @@ def write_results(summary: dict, checkpoints: PromptCheckpoints, state, model_di
     summary["best_value"] = (best_meta.get("metrics") or {}).get(summary["best_metric"])
     if with_prompt:
       best_state, _, _ = checkpoints.restore(best, abstract_like(state))
-      best_prompt = np.asarray(prompted.get_prompt(best_state.trainable))
+      best_prompt = np.asarray(prompted_t5.get_prompt(best_state.trainable))
   summary["final_eval"] = final_eval
   summary["final_loss"] = final_loss
   if primary:

@@ -13,12 +13,12 @@ import jax
 
 from softprompt_jax import config_checks as cc
 from softprompt_jax import optim, partitioning, prompts
-from softprompt_jax.checkpoints.reader import CheckpointError
+from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
 from softprompt_jax.data import get_task
 from softprompt_jax.errors import ConfigError
 from softprompt_jax.loading import checked_overrides, open_checkpoint
 from softprompt_jax.model_spec import ModelSpec, load_frozen
-from softprompt_jax.prompted import PromptedT5, make_prompted_params, prompt_shape
+from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params, prompt_shape
 from softprompt_jax.run_dir import read_meta
 from softprompt_jax.t5 import T5
 from softprompt_jax.t5_config import FAMILIES

@@ -19,7 +19,7 @@ def build():
   import softprompt_jax as sj
   from softprompt_jax import optim
   from softprompt_jax import train_step as ts
-  from softprompt_jax.prompted import PromptedT5, make_prompted_params
+  from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
   config = sj.tiny_config(num_heads=8, head_dim=4)
   model = PromptedT5(config, prompt_length=4)
   t5_params, _ = sj.init_params(sj.T5(config), jax.random.PRNGKey(0))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from softprompt_jax import cli, errors, prompts
-from softprompt_jax.checkpoints.reader import CheckpointMismatchError
+from softprompt_jax.checkpoints.checkpoint_reader import CheckpointMismatchError
 from softprompt_jax.checkpoints.state import PromptCheckpoints
 from softprompt_jax.cli import main
 from softprompt_jax.peft_interop import save_peft_adapter

@@ -5,7 +5,7 @@ import numpy as np
 
 import softprompt_jax as sj
 from softprompt_jax import decoding, ensemble
-from softprompt_jax.prompted import PromptedT5, make_prompted_params
+from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 
 
 def test_majority_vote_counts_and_breaks_ties_by_prompt_order():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from softprompt_jax import flops, optim, train_step
-from softprompt_jax.prompted import PromptedT5
+from softprompt_jax.prompted_t5 import PromptedT5
 from softprompt_jax.t5 import init_params
 from softprompt_jax.t5_config import tiny_config
 

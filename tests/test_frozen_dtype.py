@@ -10,7 +10,7 @@ from softprompt_jax import optim
 from softprompt_jax import train_step as ts
 from softprompt_jax.model_spec import frozen_model, load_frozen
 from softprompt_jax.pretrained import TINY_MODEL_DIR
-from softprompt_jax.prompted import PromptedT5, make_prompted_params
+from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 from softprompt_jax.t5 import T5
 
 PROMPT_LENGTH = 4

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 
 from softprompt_jax import tiny_config
 from softprompt_jax.checkpoints.hf_names import hf_name_map
-from softprompt_jax.checkpoints.reader import CheckpointError, CheckpointMismatchError
+from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError, CheckpointMismatchError
 from softprompt_jax.loading import expected_param_shapes, load_t5
 
 CONFIG = tiny_config("t5_1_1", relative_attention_max_distance=20)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from softprompt_jax import losses, peft_interop
-from softprompt_jax.prompted import PromptedT5, make_prompted_params
+from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 
 import oracles
 

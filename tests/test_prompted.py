@@ -9,7 +9,7 @@ from flax.traverse_util import flatten_dict
 import softprompt_jax as sj
 from softprompt_jax import optim, prompts
 from softprompt_jax import train_step as ts
-from softprompt_jax.prompted import PromptedT5, append, make_prompted_params, prepend
+from softprompt_jax.prompted_t5 import PromptedT5, append, make_prompted_params, prepend
 
 CONFIG = sj.tiny_config()
 PROMPT_LENGTH = 4

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import softprompt_jax as sj
-from softprompt_jax import interpret, prompts
-from softprompt_jax.prompted import PromptedT5
+from softprompt_jax import nearest_tokens, prompts
+from softprompt_jax.prompted_t5 import PromptedT5
 from softprompt_jax.tokenizers import ByteVocabulary
 
 VOCAB = ByteVocabulary()
@@ -106,14 +106,14 @@ def test_nearest_tokens_agree_with_brute_force():
   rng = np.random.RandomState(1)
   table = rng.randn(50, 8).astype(np.float32)
   prompt = np.concatenate([table[[7, 3]] * 2.5, rng.randn(3, 8).astype(np.float32)])
-  ids, sims = interpret.nearest_tokens(prompt, table, k=4)
+  ids, sims = nearest_tokens.nearest_tokens(prompt, table, k=4)
   assert ids[0, 0] == 7 and ids[1, 0] == 3
   np.testing.assert_allclose(sims[:2, 0], 1.0, atol=1e-5)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   brute = unit(prompt) @ unit(table).T
   np.testing.assert_array_equal(ids, np.argsort(-brute, axis=1)[:, :4])
   assert (np.diff(sims, axis=1) <= 1e-6).all()
-  rows = interpret.describe(prompt[:1], table, None, k=2)
+  rows = nearest_tokens.describe(prompt[:1], table, None, k=2)
   assert rows[0]["ids"][0] == 7 and rows[0]["position"] == 0
 
 

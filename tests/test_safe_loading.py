@@ -22,7 +22,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax import T5, prompts, tiny_config
 from softprompt_jax.checkpoints.hf_writer import save_hf_t5
-from softprompt_jax.checkpoints.reader import CheckpointError
+from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
 from softprompt_jax.checkpoints.state import PromptCheckpoints
 from softprompt_jax.cli import main
 from softprompt_jax.loading import load_t5, open_checkpoint

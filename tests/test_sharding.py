@@ -8,7 +8,7 @@ from flax.traverse_util import flatten_dict
 import softprompt_jax as sj
 from softprompt_jax import optim, partitioning
 from softprompt_jax import train_step as ts
-from softprompt_jax.prompted import PromptedT5, make_prompted_params
+from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 
 # heads = 8 so that every partitioned dimension divides the 8 devices.
 CONFIG = sj.tiny_config(num_heads=8, head_dim=4)

@@ -11,7 +11,7 @@ from flax.traverse_util import flatten_dict
 import softprompt_jax as sj
 from softprompt_jax import optim
 from softprompt_jax import train_step as ts
-from softprompt_jax.prompted import PromptedT5, make_prompted_params
+from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 from softprompt_jax.t5 import shift_right
 
 # No dropout: the train step (dropout on) and the oracles compute the same function.

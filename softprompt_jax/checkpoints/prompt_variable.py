@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from softprompt_jax.checkpoints.reader import CheckpointError, join_path
+from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError, join_path
 
 
 def read_checkpoint_variable(path, variable: str = "prompt/prompt") -> np.ndarray:

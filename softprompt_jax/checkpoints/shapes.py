@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Optional, Sequence
 
-from softprompt_jax.checkpoints.reader import CheckpointError, ParamPath
+from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError, ParamPath
 from softprompt_jax.t5_config import T5Config
 
 # Published gated T5s (1.1, LM-adapted, mT5, ByT5) all gate a GELU; T5 1.0's MLP is a plain ReLU.
