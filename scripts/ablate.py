@@ -55,7 +55,8 @@ def main(argv=None) -> dict:
   seeds = [int(x) for x in args.seeds.split(",")]
   results_file = out / "results.jsonl"
   # Rows already measured (an interrupted ablation continues where it stopped).
-  results = ([json.loads(l) for l in results_file.read_text().splitlines() if l.strip()]
+  results = ([json.loads(line) for line in results_file.read_text().splitlines()
+              if line.strip()]
              if results_file.exists() else [])
   done = {(r["prompt_length"], r["init"], r["seed"]) for r in results}
   start = time.time()

@@ -359,7 +359,7 @@ def our_train_steps(model, params, batch):
   optimizer = optim.masked_optimizer(optim.adafactor(), labels)
   partitioner = partitioning.Partitioner.create(devices=jax.local_devices()[:1])
   state, frozen = ts.init_train_state(params, labels, optimizer)
-  train, _, shardings = partitioning.sharded_steps(
+  train, _, shardings = ts.sharded_steps(
       model, optimizer, partitioner, *jax.eval_shape(lambda: (state, frozen)))
   calls["prompt_tuning_sharded"] = stepper(
       train, partitioner.put(state, shardings["state"]),

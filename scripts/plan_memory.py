@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
           x.shape, args.frozen_dtype if label == optim.FROZEN else x.dtype), params, labels)
   optimizer = optim.masked_optimizer(optim.adafactor(), labels)
   state, frozen = jax.eval_shape(lambda p: ts.init_train_state(p, labels, optimizer), params)
-  train, _, shardings = partitioning.sharded_steps(model, optimizer, partitioner, state, frozen)
+  train, _, shardings = ts.sharded_steps(model, optimizer, partitioner, state, frozen)
 
   def abstract(tree, sharding_tree):
     return jax.tree_util.tree_map(

@@ -33,9 +33,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax import optim, train_step
 from softprompt_jax.checkpoints.hf_writer import save_hf_t5
+from softprompt_jax.checkpoints.integrity import sha256
 from softprompt_jax.data import pipeline, synthetic
 from softprompt_jax.decoding import greedy_decode, rank_classify
-from softprompt_jax.pretrained import sha256
 from softprompt_jax.t5 import T5, init_params
 from softprompt_jax.t5_config import t5_config
 from softprompt_jax.tokenizers import ByteVocabulary, pad_batch
@@ -108,7 +108,7 @@ def train_records(name: str, num_examples: int, seed: int) -> list[dict]:
 def lengths(records_by_task: dict[str, list[dict]]) -> tuple[int, int]:
   """(input_length, target_length) that fit every example with its EOS, rounded up to 8."""
   longest_input = longest_target = 0
-  for name, records in records_by_task.items():
+  for records in records_by_task.values():
     for r in records:
       longest_input = max(longest_input, len(VOCAB.encode(f"{r['instruction']} {r['text']}")))
       longest_target = max(longest_target, len(VOCAB.encode(r["target"])))

@@ -1,7 +1,7 @@
 """softprompt_jax: prompt tuning for a frozen T5 in JAX/Flax, compatible with t5x."""
 
 from softprompt_jax.data import get_task
-from softprompt_jax.loading import load_t5
+from softprompt_jax.checkpoints.loading import load_t5
 from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 from softprompt_jax.t5 import T5, init_params, logical_axes
 from softprompt_jax.t5_config import SIZES, T5Config, t5_config, tiny_config

@@ -220,7 +220,8 @@ def check_activations_fit(config, *, who: str, examples_per_device: int, prompt_
   width = np.dtype(config.dtype).itemsize if config.dtype != "bfloat16" else 2
   sequence = prompt_length + input_length
   largest = {
-      "the encoder's attention scores": examples_per_device * config.num_heads * sequence**2 * width,
+      "the encoder's attention scores": (examples_per_device * config.num_heads * sequence**2
+                                         * width),
       "the cross-attention scores": (examples_per_device * config.num_heads * target_length
                                      * sequence * width),
       "the logits": examples_per_device * target_length * config.vocab_size * 4,

@@ -31,7 +31,8 @@ class StepFlops:
     return 2 * self.forward + self.weight_matmuls
 
 
-def forward_flops(config: T5Config, batch: int, encoder_length: int, decoder_length: int) -> StepFlops:
+def forward_flops(config: T5Config, batch: int, encoder_length: int,
+                  decoder_length: int) -> StepFlops:
   """Teacher-forced forward FLOPs; `encoder_length` includes the prompt (P + T)."""
   h, inner, mlp = config.emb_dim, config.num_heads * config.head_dim, config.mlp_dim
   t, s = encoder_length, decoder_length

@@ -13,7 +13,7 @@ import numpy as np
 from softprompt_jax import decoding
 from softprompt_jax.checkpoints.hf_writer import save_hf_t5
 from softprompt_jax.errors import ConfigError, UsageError
-from softprompt_jax.loading import load_t5
+from softprompt_jax.checkpoints.loading import load_t5
 from softprompt_jax.run_setup import load_vocabulary
 from softprompt_jax.t5 import T5, init_params
 from softprompt_jax.t5_config import tiny_config

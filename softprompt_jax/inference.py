@@ -9,13 +9,22 @@ from typing import Mapping, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from softprompt_jax import config_checks as cc
 from softprompt_jax import nearest_tokens, output_files, prompts
-from softprompt_jax.model_spec import ModelSpec, load_frozen
-from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
+from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
+from softprompt_jax.checkpoints.hf import SAFE_ALTERNATIVE, is_pickle_file
+from softprompt_jax.data import get_task, pipeline
+from softprompt_jax.data.readers import located_records
+from softprompt_jax.data.tasks import RecordError
 from softprompt_jax.errors import ConfigError
 from softprompt_jax.evaluation import decode_in_batches, run_eval
+from softprompt_jax.model_spec import ModelSpec, load_frozen
+from softprompt_jax.peft_interop import load_peft_adapter, save_peft_adapter
+from softprompt_jax.progress import Progress
+from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
+from softprompt_jax.prompts import PromptShapeError
 from softprompt_jax.run_dir import best_prompt, required_meta
 from softprompt_jax.run_layout import (CHECKPOINT_SUBDIR, INTERPRETATION_FILE, PROMPT_FILE,
                                        eval_file)
@@ -48,17 +57,14 @@ INTERPRET_RULES = {
 def _prompt_values(source) -> np.ndarray:
   """A prompt from a `.npy` file, a PEFT adapter directory, or a run directory; pickles are
   refused by name, and any other file must be a plain .npy array."""
-  from softprompt_jax.checkpoints.hf import SAFE_ALTERNATIVE, is_pickle_file
   path = pathlib.Path(source)
   if not path.exists():
     raise FileNotFoundError(f"prompt {path} does not exist; give {_PROMPT_SOURCES}")
   if path.is_file():
     if is_pickle_file(path):
-      from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
       raise CheckpointError(f"prompt {path} is a pickle; refusing to load it. {SAFE_ALTERNATIVE}")
     return prompts.load_npy(path)
   if (path / "adapter_config.json").is_file():
-    from softprompt_jax.peft_interop import load_peft_adapter
     return load_peft_adapter(path)
   if (path / PROMPT_FILE).is_file() or (path / CHECKPOINT_SUBDIR).is_dir():
     return best_prompt(path)
@@ -83,12 +89,10 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
   (in that order: a disk that refuses the file loses no metrics). With bad_records='skip', bad
   records are left out and counted in `num_skipped_records`."""
   cc.check("evaluate", locals(), EVALUATE_RULES)
-  from softprompt_jax.data import get_task
   source = prompt_file or model_dir
   if source is None:
     raise ConfigError("evaluate needs a prompt: set PROMPT_FILE or --model_dir")
   task = get_task(task)  # before reading anything
-  from softprompt_jax.data import pipeline
   pipeline.check_splits(task, data_source, train=None, evals=(split,), bad_records=bad_records)
   values = _prompt_values(source)
   setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=values.shape[0],
@@ -119,8 +123,6 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
   streamed to, a file replaced atomically: see output_files); returns the number written.
   Several processes share the batches out; process 0 writes the output."""
   cc.check("infer", locals(), INFER_RULES)
-  from softprompt_jax.data import get_task
-  from softprompt_jax.prompts import PromptShapeError
   names = sorted(prompts)
   if not names:
     raise ConfigError("infer needs PROMPTS: a mapping task name -> prompt (.npy / run dir)")
@@ -153,9 +155,6 @@ def _decode_requests(net, params, rows, names, vocab, batch_size, input_length,
                      target_length) -> list[str]:
   """Predictions for all `rows`. With several processes each decodes every process_count-th
   batch on its own devices, and the token ids are gathered (one exchange per round)."""
-  from jax.experimental import multihost_utils
-
-  from softprompt_jax.progress import Progress
   rank, world = jax.process_index(), jax.process_count()
   starts = list(range(0, len(rows), batch_size))
   texts = []
@@ -182,8 +181,6 @@ def _decode_requests(net, params, rows, names, vocab, batch_size, input_length,
 def _read_requests(path: pathlib.Path, names, get_task) -> list[dict]:
   """The request lines, each checked against the bank; errors name file:line and field (a
   RecordError, reason as the data pipeline counts them)."""
-  from softprompt_jax.data.readers import located_records
-  from softprompt_jax.data.tasks import RecordError
   rows = []
   for location, row in located_records(path):
     task = row.get("task")
@@ -210,7 +207,6 @@ def _read_requests(path: pathlib.Path, names, get_task) -> list[dict]:
 
 def _record_inputs(task, record, location: str) -> str:
   """The model input of a raw task record (its label may be absent: it is to be predicted)."""
-  from softprompt_jax.data.tasks import RecordError
   if not isinstance(record, dict):
     raise RecordError(f"{location}: field 'record' must be an object, got "
                       f"{_json_type(record)}", "wrong_type")
@@ -273,7 +269,6 @@ def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = Non
   if out_path.suffix == ".npy" or output_files.is_stream(out):
     prompts.save_npy(out, values)
     return out_path
-  from softprompt_jax.peft_interop import save_peft_adapter
   meta_config = required_meta(model_dir)["config"]
   return save_peft_adapter(out_path, values,
                            num_layers=peft_num_layers or meta_config["num_encoder_layers"],

@@ -2,8 +2,8 @@
 
 Per real target token (target id > 0):
   log_z  = logsumexp(logits)
-  xent   = -sum_v q_v * (logits_v - log_z) - H(q)      (q: smoothed one-hot; H(q) makes it 0 at best)
-  z_loss = z_loss_coef * log_z ** 2                    (keeps log_z near 0, as t5x; 1e-4)
+  xent   = -sum_v q_v * (logits_v - log_z) - H(q)   (q: smoothed one-hot; H(q) makes it 0 at best)
+  z_loss = z_loss_coef * log_z ** 2                 (keeps log_z near 0, as t5x; 1e-4)
 The per-token losses are summed and divided by the normaliser:
   "num_real_target_tokens" (default): the count of target ids > 0, i.e. a mean per real token —
       the same quantity as Hugging Face's loss when z_loss = 0 and no smoothing;

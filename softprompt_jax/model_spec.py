@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softprompt_jax import config_checks as cc
+from softprompt_jax.checkpoints import loading
 from softprompt_jax.t5 import T5
 from softprompt_jax.t5_config import FAMILIES, SIZES, T5Config, t5_config, tiny_config
 
@@ -81,23 +82,22 @@ def frozen_model(checkpoint: Optional[str] = None, family: str = "t5_1_1", size:
 def load_frozen(spec: ModelSpec, partitioner=None, **config_overrides) -> tuple[T5Config, dict]:
   """(config, params) of the frozen T5, each array placed in its shards on `partitioner`'s mesh
   as it is read (or initialised) and stored in `spec.frozen_dtype`; without a partitioner, on
-  the default device."""
+  the default device. A checkpoint is opened once: its configuration, the shapes check and the
+  weights all come from one reader."""
   spec.check()
   dtype = jnp.dtype(spec.frozen_dtype)
   overrides = {**dict(spec.overrides), **config_overrides}
   if spec.checkpoint:
-    from softprompt_jax.loading import checked_overrides, default_place, load_t5, open_checkpoint
-    overrides = checked_overrides(overrides)
-    place = None
-    if partitioner is not None:
-      with open_checkpoint(spec.checkpoint) as reader:
-        config = reader.config(**overrides)
-      place = partitioner.place(partitioner.param_shardings(T5(config)))
-    place = place or default_place
-    # Cast on the host, one array at a time: a float32 copy of the whole model never exists.
-    stored = lambda path, array: place(path, np.asarray(array).astype(dtype, copy=False))
-    model, params = load_t5(spec.checkpoint, place=stored, **overrides)
-    return model.config, params
+    overrides = loading.checked_overrides(overrides)
+    with loading.open_checkpoint(spec.checkpoint) as reader:
+      config = reader.config(**overrides)
+      expected = loading.expected_param_shapes(config)
+      loading.check_shapes(reader, expected, config)
+      place = (loading.default_place if partitioner is None
+               else partitioner.place(partitioner.param_shardings(T5(config))))
+      # Cast on the host, one array at a time: a float32 copy of the whole model never exists.
+      stored = lambda path, array: place(path, np.asarray(array).astype(dtype, copy=False))
+      return config, loading.read_params(reader, expected, stored)
   config = dataclasses.replace(spec.config(), **config_overrides)
   model = T5(config)
   tokens = jnp.ones((1, 8), jnp.int32)

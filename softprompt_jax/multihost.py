@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Optional
 
+from softprompt_jax import partitioning
 from softprompt_jax.errors import UserError
 
 # EX_TEMPFAIL (sysexits.h): a temporary failure; rerunning every process resumes the run.
@@ -40,7 +41,6 @@ def join(command: str, *, coordinator_address: Optional[str] = None,
   """Joins the other processes when the arguments, the environment (JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES, JAX_PROCESS_ID) or a TPU pod say there are others; returns their
   `PeerWatch`, or None for a run of one process. Call it before anything touches a device."""
-  from softprompt_jax import partitioning
   address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   num_processes = _int_setting(num_processes, "--num_processes", "JAX_NUM_PROCESSES")
   process_id = _int_setting(process_id, "--process_id", "JAX_PROCESS_ID")

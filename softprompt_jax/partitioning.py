@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from softprompt_jax.t5 import logical_axes
 
 LogicalRules = Sequence[tuple[str, Optional[str]]]
 
@@ -96,7 +98,6 @@ def logical_to_shardings(axes_tree: dict, mesh: Mesh, rules: LogicalRules) -> di
 
 def param_shardings(model: nn.Module, mesh: Mesh, rules: LogicalRules) -> dict:
   """NamedSharding of every parameter of `model` (PromptedT5 or T5) from its logical axes."""
-  from softprompt_jax.t5 import logical_axes
   return logical_to_shardings(logical_axes(model), mesh, rules)
 
 
@@ -152,6 +153,15 @@ class Partitioner:
   def param_shardings(self, model) -> dict:
     return param_shardings(model, self.mesh, self.rules)
 
+  def partition(self, fn: Callable, in_shardings, out_shardings,
+                donate_argnums: Sequence[int] = ()) -> "Partitioned":
+    """`fn` jitted for the mesh with these shardings (as t5x's `PjitPartitioner.partition`);
+    it is called, and `.lower()`ed, inside `context()`, so the model's logical constraints
+    apply while it is traced."""
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=tuple(donate_argnums))
+    return Partitioned(jitted, self)
+
   @property
   def replicated(self) -> NamedSharding:
     return replicated(self.mesh)
@@ -192,6 +202,22 @@ def _to_shards(host_value, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+class Partitioned:
+  """A function jitted for a partitioner's mesh: called or lowered under its context."""
+
+  def __init__(self, jitted, partitioner: Partitioner):
+    self._jitted, self._partitioner = jitted, partitioner
+    functools.update_wrapper(self, jitted)
+
+  def __call__(self, *args):
+    with self._partitioner.context():
+      return self._jitted(*args)
+
+  def lower(self, *args):
+    with self._partitioner.context():
+      return self._jitted.lower(*args)
+
+
 class _Context:
   def __init__(self, mesh, rules):
     self.mesh, self.rules = mesh, rules
@@ -220,46 +246,6 @@ def process_rows(sharding: NamedSharding, global_batch_size: int) -> slice:
     raise ValueError(f"this process's batch rows {list(zip(starts, stops))} are not contiguous; "
                      "use a mesh whose data axis is laid out by host")
   return rows
-
-
-def sharded_steps(model, optimizer, partitioner: Partitioner, state_shapes, frozen_shapes,
-                  loss_config=None):
-  """The #3 train/eval steps jitted for the mesh: shardings from the logical axes, the TrainState
-  donated, and the model's activation constraints active. Returns (train, eval, shardings)."""
-  from softprompt_jax import train_step as ts
-  loss_config = loss_config or ts.LossConfig()
-  all_shardings = partitioner.param_shardings(model)
-  flat_all = flatten_dict(all_shardings)
-  pick = lambda tree: unflatten_dict({k: flat_all[k] for k in flatten_dict(tree)})
-  trainable_shardings = pick(state_shapes.trainable)
-  frozen_shardings = pick(frozen_shapes)
-  full_shapes = unflatten_dict({**flatten_dict(frozen_shapes),
-                                **flatten_dict(state_shapes.trainable)})
-  state_shardings = ts.TrainState(
-      step=partitioner.replicated, trainable=trainable_shardings,
-      opt_state=opt_state_shardings(state_shapes.opt_state, all_shardings, full_shapes,
-                                    partitioner.mesh))
-  train_jit, eval_jit = ts.jit_steps(
-      model, optimizer, loss_config, state_sharding=state_shardings,
-      frozen_sharding=frozen_shardings, batch_sharding=partitioner.batch_sharding,
-      replicated=partitioner.replicated)
-
-  def with_context(fn):
-    @functools.wraps(fn)
-    def call(*args):
-      with partitioner.context():
-        return fn(*args)
-    call.lower = lambda *args: _lower(fn, partitioner, *args)
-    return call
-
-  shardings = {"state": state_shardings, "frozen": frozen_shardings,
-               "batch": partitioner.batch_sharding}
-  return with_context(train_jit), with_context(eval_jit), shardings
-
-
-def _lower(fn, partitioner, *args):
-  with partitioner.context():
-    return fn.lower(*args)
 
 
 # How long JAX's coordination service waits for a silent process before it declares it dead and

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from softprompt_jax import output_files
+from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -53,8 +54,6 @@ def load_peft_adapter(directory) -> np.ndarray:
   """The encoder prompt [P, H] of a PEFT prompt-tuning adapter directory: JSON and safetensors
   only; a pickled `adapter_model.bin` is refused by name, unread."""
   from safetensors.numpy import load_file
-
-  from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
   directory = pathlib.Path(directory)
   config_path = directory / ADAPTER_CONFIG
   if not config_path.is_file():

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Callable, Optional, TextIO
 
+from softprompt_jax import partitioning
+
 TTY_EVERY_S = 1.0
 PLAIN_EVERY_S = 10.0
 _ERASE_TO_END = "\x1b[K"  # what a longer line drawn before left behind
@@ -99,8 +101,7 @@ class Progress:
                clock: Callable[[], float] = time.perf_counter,
                update_every_s: Optional[float] = None, tty: Optional[bool] = None):
     if enabled is None:
-      from softprompt_jax.partitioning import is_primary_process
-      enabled = is_primary_process()
+      enabled = partitioning.is_primary_process()
     self.enabled = enabled
     self.label, self.total, self.unit = label, total, unit
     stream = stream if stream is not None else sys.stderr

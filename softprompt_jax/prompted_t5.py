@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from softprompt_jax import prompts
-from softprompt_jax.t5 import T5, LayerInputs, param_with_axes
+from softprompt_jax.t5 import T5, LayerInputs
+from softprompt_jax.t5_layers import param_with_axes
 
 
 # The prompt as the rest of the code sees it: where it lives in a parameter tree (and in the

@@ -18,7 +18,9 @@ import numpy as np
 
 from softprompt_jax import config_checks as cc
 from softprompt_jax import output_files
+from softprompt_jax.checkpoints.prompt_variable import read_checkpoint_variable
 from softprompt_jax.errors import UserError
+from softprompt_jax.peft_interop import load_peft_adapter
 
 PromptInit = Callable[[jax.Array, tuple, jax.Array], jax.Array]
 
@@ -197,7 +199,6 @@ def from_npy(path: Optional[str]) -> PromptInit:
 def from_peft_adapter(path: str) -> PromptInit:
   """The prompt of a PEFT prompt-tuning adapter directory (json + safetensors; never unpickles)."""
   cc.check("prompts.from_peft_adapter", locals(), INITIALIZER_RULES["from_peft_adapter"])
-  from softprompt_jax.peft_interop import load_peft_adapter
   return from_array(load_peft_adapter(path), source=str(path))
 
 
@@ -246,7 +247,6 @@ def save_npy(path: str, prompt_PxH) -> None:
 def from_t5x_checkpoint(path: str, variable: str = "prompt/prompt") -> PromptInit:
   """A prompt variable stored in a t5x checkpoint (e.g. a prompt-tuning run's output)."""
   cc.check("prompts.from_t5x_checkpoint", locals(), INITIALIZER_RULES["from_t5x_checkpoint"])
-  from softprompt_jax.checkpoints.prompt_variable import read_checkpoint_variable
   return from_array(read_checkpoint_variable(path, variable), source=f"{path} ({variable})")
 
 

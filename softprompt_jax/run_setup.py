@@ -13,10 +13,10 @@ import jax
 
 from softprompt_jax import config_checks as cc
 from softprompt_jax import optim, partitioning, prompts
+from softprompt_jax.checkpoints import loading
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
 from softprompt_jax.data import get_task
 from softprompt_jax.errors import ConfigError
-from softprompt_jax.loading import checked_overrides, open_checkpoint
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params, prompt_shape
 from softprompt_jax.run_dir import read_meta
@@ -82,12 +82,12 @@ def model_config(spec: ModelSpec, overrides: dict):
   read raises its own (FileNotFoundError, CheckpointError)."""
   try:
     spec.check()
-    merged = checked_overrides({**dict(spec.overrides), **overrides}, who="overrides")
+    merged = loading.checked_overrides({**dict(spec.overrides), **overrides}, who="overrides")
     if not spec.checkpoint:
       if spec.family not in FAMILIES:
         raise ValueError(f"unknown T5 family {spec.family!r}; use one of {list(FAMILIES)}")
       return dataclasses.replace(spec.config(), **overrides)
-    with open_checkpoint(spec.checkpoint) as reader:
+    with loading.open_checkpoint(spec.checkpoint) as reader:
       return reader.config(**merged)
   except CheckpointError:
     raise

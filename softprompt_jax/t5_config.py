@@ -122,7 +122,8 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
 SIZES["mt5"] = SIZES["t5_1_1"]
 
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "t5_1_1": dict(vocab_size=32128, mlp_activations=("gelu", "linear"), logits_via_embedding=False),
+    "t5_1_1": dict(vocab_size=32128, mlp_activations=("gelu", "linear"),
+                   logits_via_embedding=False),
     "t5_1_0": dict(vocab_size=32128, mlp_activations=("relu",), logits_via_embedding=True),
     "mt5": dict(vocab_size=250112, mlp_activations=("gelu", "linear"), logits_via_embedding=False),
     "byt5": dict(vocab_size=384, mlp_activations=("gelu", "linear"), logits_via_embedding=False),

@@ -202,7 +202,7 @@ class SentencePieceVocabulary(Vocabulary):
       raise ValueError(f"{self.model_file} is not a SentencePiece model: {e}") from None
     if self._sp.pad_id() != PAD_ID:
       warnings.warn(f"{self.model_file}: the model's pad id is {self._sp.pad_id()}; "
-                    f"T5 pads with {PAD_ID} and so does this vocabulary")
+                    f"T5 pads with {PAD_ID} and so does this vocabulary", stacklevel=2)
     self.eos_id = self._sp.eos_id()
     self.unk_id = self._sp.unk_id()
 

@@ -2,8 +2,8 @@
 
 State that changes during training (`TrainState`: step, trainable params, optimizer state) is kept
 apart from the frozen params, which are an input of every step and never an output: nothing of
-the frozen model is copied, differentiated or donated. Sharded training reuses these functions
-by passing shardings to `jit_steps`.
+the frozen model is copied, differentiated or donated. `jit_steps` compiles the steps for one
+device, `sharded_steps` for a partitioner's mesh.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.typing import ArrayLike
 
-from softprompt_jax import losses, optim
+from softprompt_jax import losses, optim, partitioning
 from softprompt_jax.t5 import shift_right
 
 Batch = dict[str, jax.Array]
@@ -119,25 +119,52 @@ def eval_step(state: TrainState, frozen: dict, batch: Batch, *, model: nn.Module
           "num_tokens": aux["num_tokens"], "correct_tokens": correct}
 
 
-def jit_steps(model, optimizer: optax.GradientTransformation,
-              loss_config: LossConfig = LossConfig(), *, state_sharding=None,
-              frozen_sharding=None, batch_sharding=None,
-              replicated=None) -> tuple[Callable, Callable]:
-  """(train_step, eval_step) jitted; the TrainState buffers are donated to the new state.
-
-  With shardings both steps compile for the mesh; without, for one device.
-  """
+def _bound_steps(model, optimizer: optax.GradientTransformation,
+                 loss_config: LossConfig) -> tuple[Callable, Callable]:
+  """(train_step, eval_step) with the model, optimizer and loss settings bound."""
   train = functools.partial(train_step, model=model, optimizer=optimizer,
                             loss_config=loss_config)
   evaluate = functools.partial(eval_step, model=model, loss_config=loss_config)
-  if state_sharding is None:
-    return jax.jit(train, donate_argnums=(0,)), jax.jit(evaluate)
-  train_jit = jax.jit(train, donate_argnums=(0,),
-                      in_shardings=(state_sharding, frozen_sharding, batch_sharding, replicated),
-                      out_shardings=(state_sharding, replicated))
-  eval_jit = jax.jit(evaluate, in_shardings=(state_sharding, frozen_sharding, batch_sharding),
-                     out_shardings=replicated)
-  return train_jit, eval_jit
+  return train, evaluate
+
+
+def jit_steps(model, optimizer: optax.GradientTransformation,
+              loss_config: LossConfig = LossConfig()) -> tuple[Callable, Callable]:
+  """(train_step, eval_step) jitted for one device; the TrainState buffers are donated to the
+  new state. `sharded_steps` compiles the same steps for a mesh."""
+  train, evaluate = _bound_steps(model, optimizer, loss_config)
+  return jax.jit(train, donate_argnums=(0,)), jax.jit(evaluate)
+
+
+def sharded_steps(model, optimizer: optax.GradientTransformation,
+                  partitioner: partitioning.Partitioner, state_shapes: TrainState,
+                  frozen_shapes: dict, loss_config: Optional[LossConfig] = None
+                  ) -> tuple[Callable, Callable, dict]:
+  """(train_step, eval_step, shardings) compiled for `partitioner`'s mesh: shardings from the
+  model's logical axes, the TrainState donated, the model's activation constraints active.
+  `shardings` holds those of the "state", the "frozen" params and a "batch"."""
+  loss_config = loss_config or LossConfig()
+  all_shardings = partitioner.param_shardings(model)
+  flat_all = flatten_dict(all_shardings)
+  pick = lambda tree: unflatten_dict({k: flat_all[k] for k in flatten_dict(tree)})
+  frozen_shardings = pick(frozen_shapes)
+  full_shapes = unflatten_dict({**flatten_dict(frozen_shapes),
+                                **flatten_dict(state_shapes.trainable)})
+  replicated = partitioner.replicated
+  state_shardings = TrainState(
+      step=replicated, trainable=pick(state_shapes.trainable),
+      opt_state=partitioning.opt_state_shardings(state_shapes.opt_state, all_shardings,
+                                                 full_shapes, partitioner.mesh))
+  batch_sharding = partitioner.batch_sharding
+  train, evaluate = _bound_steps(model, optimizer, loss_config)
+  train_sharded = partitioner.partition(
+      train, in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  eval_sharded = partitioner.partition(
+      evaluate, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+      out_shardings=replicated)
+  shardings = {"state": state_shardings, "frozen": frozen_shardings, "batch": batch_sharding}
+  return train_sharded, eval_sharded, shardings
 
 
 def make_batch(encoder_input_tokens: ArrayLike, target_tokens: ArrayLike,

@@ -22,7 +22,8 @@ import numpy as np
 from softprompt_jax import config_checks as cc
 from softprompt_jax import optim, partitioning, preemption, prompts
 from softprompt_jax import train_step as ts
-from softprompt_jax.checkpoints.state import PromptCheckpoints, abstract_like, fingerprint
+from softprompt_jax.checkpoints.integrity import fingerprint
+from softprompt_jax.checkpoints.state import PromptCheckpoints, abstract_like
 from softprompt_jax.data import pipeline
 from softprompt_jax.errors import ConfigError, NumericalError
 from softprompt_jax.evaluation import run_eval
@@ -119,7 +120,7 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
                                      setup.labels)
   primary = partitioning.is_primary_process()
   state, frozen = ts.init_train_state(setup.params, setup.labels, optimizer)
-  train_step, _, shardings = partitioning.sharded_steps(
+  train_step, _, shardings = ts.sharded_steps(
       setup.model, optimizer, setup.partitioner, *jax.eval_shape(lambda: (state, frozen)),
       ts.LossConfig(z_loss, label_smoothing, loss_normalizer))
   state = jax.device_put(state, shardings["state"])

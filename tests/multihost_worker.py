@@ -46,7 +46,7 @@ def main(process_id: int, port: int, out_dir: str):
   partitioner = partitioning.Partitioner.create(mesh_shape=(4, 2))
   state, frozen = ts.init_train_state(params, labels, optimizer)
   shapes = jax.eval_shape(lambda: (state, frozen))
-  train, _, shardings = partitioning.sharded_steps(model, optimizer, partitioner, *shapes)
+  train, _, shardings = ts.sharded_steps(model, optimizer, partitioner, *shapes)
   state = partitioner.put(state, shardings["state"])
   frozen = partitioner.put(frozen, shardings["frozen"])
   rows = partitioner.process_rows(GLOBAL_BATCH)

@@ -69,7 +69,8 @@ def save_hf(model, directory: pathlib.Path, num_shards: int = 1) -> pathlib.Path
   return directory
 
 
-def hf_logits(model, encoder_input_tokens: np.ndarray, decoder_input_tokens: np.ndarray) -> np.ndarray:
+def hf_logits(model, encoder_input_tokens: np.ndarray,
+              decoder_input_tokens: np.ndarray) -> np.ndarray:
   """float32 logits [B, S, V] from the PyTorch reference; padding (id 0) masked as T5 does."""
   import torch
   with torch.no_grad():

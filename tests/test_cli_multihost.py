@@ -129,7 +129,8 @@ def test_two_processes_train_like_one_and_only_process_0_writes(one_process, two
   assert summaries[1]["final_eval"] == summaries[0]["final_eval"]
   assert summaries[1]["best_step"] == summaries[0]["best_step"]
   # One writer: one start record in the log, one TensorBoard writer per split, the configs.
-  records = [json.loads(l) for l in (two_processes / "metrics.jsonl").read_text().splitlines()]
+  records = [json.loads(line)
+             for line in (two_processes / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if r.get("event") == "start"] == [0]
   assert len(list((two_processes / "tensorboard" / "train").iterdir())) == 1
   assert (two_processes / "config.gin").is_file()
@@ -137,7 +138,7 @@ def test_two_processes_train_like_one_and_only_process_0_writes(one_process, two
 
 
 def _preempted_line(output: str) -> re.Match:
-  lines = [l for l in output.splitlines() if "preempted" in l]
+  lines = [line for line in output.splitlines() if "preempted" in line]
   assert len(lines) == 1, output[-3000:]
   match = PREEMPTED.search(lines[0])
   assert match, lines[0]

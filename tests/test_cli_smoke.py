@@ -1,4 +1,4 @@
-"""configs/runs/smoke.gin end to end through the CLI: train -> eval -> infer -> export, and resume."""
+"""configs/runs/smoke.gin end to end through the CLI: train -> eval -> infer -> export, resume."""
 
 import json
 
@@ -26,8 +26,8 @@ def test_train_writes_checkpoints_logs_prompt_and_summary(trained):
   assert 0 <= summary["best_value"] <= 100
   prompt = np.load(trained / "prompt.npy")
   assert prompt.shape == (4, 32) and prompt.dtype == np.float32
-  lines = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
-  assert any(l.get("split") == "validation" for l in lines)
+  records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+  assert any(record.get("split") == "validation" for record in records)
   assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "train.num_steps = 20" in (trained / "operative_config.gin").read_text()
   assert list((trained / "tensorboard").rglob("events.out.tfevents*"))
@@ -58,7 +58,7 @@ def test_eval_infer_export_interpret(trained, tmp_path, capsys):
                f"--gin.PROMPTS={bank!r}", f"--gin.INPUT_FILE='{requests}'",
                f"--gin.OUTPUT_FILE='{predictions}'", "--gin.infer.input_length=64",
                "--gin.infer.target_length=10"]) == 0
-  rows = [json.loads(l) for l in predictions.read_text().splitlines()]
+  rows = [json.loads(line) for line in predictions.read_text().splitlines()]
   assert [r["task"] for r in rows] == [TASK, "taskless_synthetic_copy", TASK]
   assert rows[2]["inputs"] == "awful sad" and all(isinstance(r["prediction"], str) for r in rows)
 
@@ -85,3 +85,22 @@ def test_misspelled_binding_fails_before_any_work(tmp_path, capsys):
   error = capsys.readouterr().err.strip().splitlines()
   assert len(error) == 1 and "num_stepz" in error[0]
   assert not run.exists()
+
+
+def test_a_train_start_opens_the_frozen_checkpoint_once_for_metadata_once_for_weights(
+    tmp_path, monkeypatch):
+  """The configuration is read from metadata before anything is loaded; then one reader gives
+  the configuration, the shapes check and every weight."""
+  from softprompt_jax.checkpoints import loading
+  from softprompt_jax.pretrained import TINY_MODEL_DIR
+  events = []
+  open_checkpoint, read_params = loading.open_checkpoint, loading.read_params
+  monkeypatch.setattr(loading, "open_checkpoint",
+                      lambda path: events.append("open") or open_checkpoint(path))
+  monkeypatch.setattr(loading, "read_params",
+                      lambda *args, **kwargs: events.append("read") or read_params(*args, **kwargs))
+  assert main(["train", *SMOKE, "--model_dir", str(tmp_path / "run"),
+               f"--gin.frozen_model.checkpoint='{TINY_MODEL_DIR}'",
+               "--gin.frozen_model.overrides={}", "--gin.train.num_steps=2",
+               "--gin.train.eval_every=2", "--gin.train.eval_max_examples=8"]) == 0
+  assert events == ["open", "open", "read"]

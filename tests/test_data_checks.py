@@ -164,7 +164,7 @@ def no_loading(monkeypatch):
   """Loading the frozen model, building the sharded steps or opening checkpoints fails the
   test: the data error must come before them."""
   for target in ("softprompt_jax.run_setup.load_frozen", "softprompt_jax.model_spec.load_frozen",
-                 "softprompt_jax.partitioning.sharded_steps",
+                 "softprompt_jax.train_step.sharded_steps",
                  "softprompt_jax.training_loop.PromptCheckpoints"):
     def fail(*args, target=target, **kwargs):
       raise AssertionError(f"{target} was called before the data error")

@@ -12,7 +12,8 @@ import softprompt_jax as sj
 from softprompt_jax import decoding, optim
 from softprompt_jax import train_step as ts
 from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
-from softprompt_jax.t5 import T5, EncoderLayer, RelativePositionBiases, RMSNorm, attention_mask_bias
+from softprompt_jax.t5 import T5, EncoderLayer
+from softprompt_jax.t5_layers import RelativePositionBiases, RMSNorm, attention_mask_bias
 
 CONFIG = sj.tiny_config(dropout_rate=0.0)
 NUM_LAYERS = CONFIG.num_encoder_layers

@@ -1,4 +1,4 @@
-"""The shape-counted FLOPs against XLA's own count of the compiled programs (an independent oracle)."""
+"""Shape-counted FLOPs against XLA's own count of the compiled programs (an independent oracle)."""
 
 import jax
 import jax.numpy as jnp

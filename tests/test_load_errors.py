@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from softprompt_jax import tiny_config
 from softprompt_jax.checkpoints.hf_names import hf_name_map
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError, CheckpointMismatchError
-from softprompt_jax.loading import expected_param_shapes, load_t5
+from softprompt_jax.checkpoints.loading import expected_param_shapes, load_t5
 
 CONFIG = tiny_config("t5_1_1", relative_attention_max_distance=20)
 HF_CONFIG = {"model_type": "t5", "vocab_size": CONFIG.vocab_size, "d_model": CONFIG.emb_dim,
@@ -68,10 +68,12 @@ def test_missing_and_misshaped_arrays_in_one_error(tmp_path):
   assert err.unexpected == []
   message = str(err)
   assert str(directory) in message
-  missing_line = next(l for l in message.splitlines() if "encoder/layers_1/mlp/wo/kernel" in l)
+  missing_line = next(line for line in message.splitlines()
+                      if "encoder/layers_1/mlp/wo/kernel" in line)
   assert "(32, 16)" in missing_line and "encoder.block.1.layer.1.DenseReluDense.wo.weight" in (
       missing_line)
-  wrong_line = next(l for l in message.splitlines() if "decoder/layers_0/mlp/wi_0/kernel" in l)
+  wrong_line = next(line for line in message.splitlines()
+                    if "decoder/layers_0/mlp/wi_0/kernel" in line)
   assert "expected (16, 32)" in wrong_line and "found (16, 30)" in wrong_line
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import oracles
 from softprompt_jax.checkpoints import hf
-from softprompt_jax.loading import load_t5
+from softprompt_jax.checkpoints.loading import load_t5
 
 
 @pytest.fixture(scope="module")

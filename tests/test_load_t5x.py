@@ -15,7 +15,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax import T5, tiny_config
 from softprompt_jax.checkpoints.t5x import InlineArray, parse_msgpack
-from softprompt_jax.loading import load_t5
+from softprompt_jax.checkpoints.loading import load_t5
 
 FIXTURE = "t5x_t5_1_1_tiny"
 

@@ -270,7 +270,9 @@ def _forbidden(what):
 @pytest.fixture
 def no_model(monkeypatch):
   for target in ("softprompt_jax.inference.load_frozen", "softprompt_jax.model_spec.load_frozen",
-                 "softprompt_jax.loading.load_t5", "softprompt_jax.inference.make_prompted_params"):
+                 "softprompt_jax.checkpoints.loading.load_t5",
+                 "softprompt_jax.checkpoints.loading.read_params",
+                 "softprompt_jax.inference.make_prompted_params"):
     monkeypatch.setattr(target, _forbidden(target))
 
 

@@ -22,7 +22,8 @@ def finished(tmp_path_factory):
 
 def _snapshot(run) -> dict:
   """Every file of the run: its content's sha256 and its modification time."""
-  return {str(p.relative_to(run)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+  return {str(p.relative_to(run)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                     p.stat().st_mtime_ns)
           for p in sorted(run.rglob("*")) if p.is_file()}
 
 

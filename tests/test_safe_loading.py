@@ -25,7 +25,7 @@ from softprompt_jax.checkpoints.hf_writer import save_hf_t5
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
 from softprompt_jax.checkpoints.state import PromptCheckpoints
 from softprompt_jax.cli import main
-from softprompt_jax.loading import load_t5, open_checkpoint
+from softprompt_jax.checkpoints.loading import load_t5, open_checkpoint
 from softprompt_jax.peft_interop import load_peft_adapter, save_peft_adapter
 
 CONFIG = tiny_config("t5_1_1", relative_attention_max_distance=20)

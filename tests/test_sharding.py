@@ -1,4 +1,4 @@
-"""Sharded prompt tuning on 8 simulated CPU devices equals one device, and shards follow t5x rules."""
+"""Sharded prompt tuning on 8 simulated CPU devices equals one device; shards follow t5x rules."""
 
 import jax
 import numpy as np
@@ -55,7 +55,7 @@ def test_sharded_training_equals_one_device(setup, mesh_shape):
   partitioner = partitioning.Partitioner.create(mesh_shape=mesh_shape)
   state, frozen = ts.init_train_state(params, labels, optimizer)
   shapes = jax.eval_shape(lambda: (state, frozen))
-  train, evaluate, shardings = partitioning.sharded_steps(model, optimizer, partitioner, *shapes)
+  train, evaluate, shardings = ts.sharded_steps(model, optimizer, partitioner, *shapes)
   state = jax.device_put(state, shardings["state"])
   frozen = jax.device_put(frozen, shardings["frozen"])
   sharded_batch = partitioner.shard_batch(jax.tree_util.tree_map(np.asarray, batch), 8)

@@ -7,7 +7,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 import softprompt_jax as sj
-from softprompt_jax.t5 import relative_position_bucket
+from softprompt_jax.t5_layers import relative_position_bucket
 
 import oracles
 

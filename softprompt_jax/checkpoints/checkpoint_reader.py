@@ -58,7 +58,7 @@ class CheckpointReader(abc.ABC):
     """The array's name inside the file where it differs from the t5x path (for messages)."""
     return None
 
-  def close(self) -> None:
+  def close(self) -> None:  # noqa: B027 (a reader with nothing to release keeps this)
     pass
 
   def __enter__(self):

@@ -13,10 +13,10 @@ from typing import Optional
 
 import numpy as np
 
+from softprompt_jax.checkpoints.checkpoint_reader import (CheckpointError, CheckpointReader,
+                                                          ParamPath, ShapeDtype)
 from softprompt_jax.checkpoints.hf_names import (HF_LM_HEAD_FALLBACK, HF_TIED_ALIASES,
                                                  config_from_hf, hf_name_map)
-from softprompt_jax.checkpoints.checkpoint_reader import (CheckpointError, CheckpointReader, ParamPath,
-                                               ShapeDtype)
 from softprompt_jax.t5_config import T5Config
 
 CONFIG_FILE = "config.json"

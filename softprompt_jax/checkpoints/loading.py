@@ -1,6 +1,6 @@
 """`load_t5`: a frozen T5 and its parameters from a t5x or Hugging Face checkpoint.
 
-Formats (see checkpoints/t5x.py and checkpoints/hf.py): legacy t5x msgpack + zarr checkpoints,
+Formats (see t5x.py and hf.py beside this file): legacy t5x msgpack + zarr checkpoints,
 t5x's orbax checkpoints (`checkpoint_N/state/`), and Hugging Face directories with config.json
 and safetensors. The checkpoint's arrays are checked against the parameter shapes of
 `T5(config)` before any is read; then each is read, cast to float32 and placed on device before
@@ -21,9 +21,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax.checkpoints import hf, t5x
-from softprompt_jax.checkpoints.checkpoint_reader import (CheckpointError, CheckpointMismatchError,
-                                               CheckpointReader, ParamPath, is_floating,
-                                               join_path)
+from softprompt_jax.checkpoints.checkpoint_reader import (CheckpointError,
+                                                          CheckpointMismatchError,
+                                                          CheckpointReader, ParamPath,
+                                                          is_floating, join_path)
 from softprompt_jax.t5 import T5
 from softprompt_jax.t5_config import T5Config
 

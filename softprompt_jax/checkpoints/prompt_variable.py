@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError, join_path
+from softprompt_jax.checkpoints.loading import open_checkpoint
 
 
 def read_checkpoint_variable(path, variable: str = "prompt/prompt") -> np.ndarray:
   """The float32 array at `variable` ('/'-separated; a unique suffix is enough, so
   'prompt/prompt' finds prompt-tuning's `encoder/prompt/prompt` too)."""
-  from softprompt_jax.loading import open_checkpoint
   wanted = tuple(variable.strip("/").split("/"))
   with open_checkpoint(path) as reader:
     paths = list(reader.shapes())

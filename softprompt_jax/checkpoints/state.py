@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -39,13 +38,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from softprompt_jax import output_files
-from softprompt_jax.pretrained import sha256
+from softprompt_jax.checkpoints import integrity
+from softprompt_jax.checkpoints.integrity import INTEGRITY_FILE
 
-# Files above this size are fingerprinted by their size and first/last blocks, not fully hashed:
-# hashing a 40 GB XXL checkpoint at every start would cost minutes.
-_FULL_HASH_LIMIT = 64 * 2 ** 20
-_BLOCK = 16 * 2 ** 20
-INTEGRITY_FILE = "sha256sums.json"
 # How long a failed save waits for orbax's other background writes to stop before it reports.
 _SAVE_THREADS_TIMEOUT_S = 60
 # ... and for tensorstore's last writes to settle before the partial step is removed.
@@ -54,29 +49,6 @@ _SETTLE_TIMEOUT_S = 10
 _REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 # Tensorstore (orbax's array writer) reports an OS error as a ValueError ending in this.
 _TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
-
-
-def _file_digests(step_dir: pathlib.Path) -> dict[str, str]:
-  return {str(p.relative_to(step_dir)): sha256(p) for p in sorted(step_dir.rglob("*"))
-          if p.is_file() and p.name != INTEGRITY_FILE}
-
-
-def fingerprint(path) -> str:
-  """A sha256 over a checkpoint's file names, sizes and contents (head and tail of big files)."""
-  path = pathlib.Path(path)
-  files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-  digest = hashlib.sha256()
-  for file in files:
-    size = file.stat().st_size
-    digest.update(f"{file.relative_to(path) if file != path else file.name}:{size}\n".encode())
-    with open(file, "rb") as f:
-      if size <= _FULL_HASH_LIMIT:
-        digest.update(f.read())
-      else:
-        digest.update(f.read(_BLOCK))
-        f.seek(size - _BLOCK)
-        digest.update(f.read(_BLOCK))
-  return digest.hexdigest()
 
 
 class PromptCheckpoints:
@@ -131,7 +103,7 @@ class PromptCheckpoints:
     if jax.process_index() == 0:
       try:  # atomic: the file is whole or absent
         output_files.write_text(step_dir / INTEGRITY_FILE,
-                                json.dumps(_file_digests(step_dir), indent=0))
+                                json.dumps(integrity.file_digests(step_dir), indent=0))
       except OSError as error:
         # The step itself is complete (orbax renamed it): it stays, restorable, unverified.
         refused = _refused_write(error, step_dir / INTEGRITY_FILE)
@@ -176,22 +148,7 @@ class PromptCheckpoints:
   def damage(self, step: int) -> Optional[str]:
     """Why `step`'s files are not the ones saved (one line), or None when they are (or when the
     step predates its checksums, e.g. a crash right after orbax's rename)."""
-    step_dir = self.directory / str(step)
-    sums = step_dir / INTEGRITY_FILE
-    if not sums.is_file():
-      return None
-    try:
-      expected = json.loads(sums.read_text())
-    except ValueError:
-      return f"{sums} is not valid JSON"
-    actual = _file_digests(step_dir)
-    missing = sorted(set(expected) - set(actual))
-    if missing:
-      return f"missing files {missing[:3]}"
-    changed = sorted(name for name in expected if expected[name] != actual[name])
-    if changed:
-      return f"contents changed since saving: {changed[:3]}"
-    return None
+    return integrity.damage(self.directory / str(step))
 
   def set_aside(self, step: int, reason: str) -> pathlib.Path:
     """Moves a damaged step out of the way (kept for inspection) and warns with the reason."""

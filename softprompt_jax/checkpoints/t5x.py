@@ -27,8 +27,8 @@ from typing import Any, Optional
 import msgpack
 import numpy as np
 
-from softprompt_jax.checkpoints.checkpoint_reader import (CheckpointError, CheckpointReader, ParamPath,
-                                               ShapeDtype, join_path)
+from softprompt_jax.checkpoints.checkpoint_reader import (CheckpointError, CheckpointReader,
+                                                          ParamPath, ShapeDtype, join_path)
 from softprompt_jax.checkpoints.shapes import infer_t5_config
 from softprompt_jax.t5_config import T5Config
 

@@ -7,11 +7,12 @@ each file, which `load_tiny` checks before reading the weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
 
+from softprompt_jax.checkpoints.integrity import sha256
+from softprompt_jax.checkpoints.loading import load_t5
 from softprompt_jax.errors import UserError
 
 TINY_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "tiny_byt5"
@@ -20,15 +21,6 @@ MANIFEST = "manifest.json"
 
 class ChecksumError(UserError, ValueError):
   """A shipped file whose sha256 is not the one its manifest records."""
-
-
-def sha256(path: pathlib.Path) -> str:
-  """Hex sha256 of a file, read in 1 MiB blocks."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def read_manifest(path: os.PathLike | str = TINY_MODEL_DIR) -> dict:
@@ -60,6 +52,5 @@ def load_tiny(**overrides):
 
   `overrides` go to `load_t5` (e.g. dropout_rate=0.1 for prompt tuning with dropout).
   """
-  from softprompt_jax.loading import load_t5
   verify_checksums(TINY_MODEL_DIR)
   return load_t5(TINY_MODEL_DIR, **overrides)
