@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from softprompt_jax import prompts
+from softprompt_jax.prompt_init import from_array, random_uniform
 from softprompt_jax.t5 import T5, LayerInputs
 from softprompt_jax.t5_layers import param_with_axes
 
@@ -46,7 +46,7 @@ class Prompt(nn.Module):
   length: int
   features: int
   num_prompts: Optional[int] = None
-  init_fn: Callable = prompts.random_uniform()
+  init_fn: Callable = random_uniform()
 
   @nn.compact
   def __call__(self, embedding_VxH):
@@ -94,7 +94,7 @@ class PromptedT5(T5):
   frozen model serves many tasks in one batch.
   """
   prompt_length: int = 100
-  prompt_init: Callable = prompts.random_uniform()
+  prompt_init: Callable = random_uniform()
   num_prompts: Optional[int] = None
   placement: str = "prepend"
   # A per-layer prompt, if any: a linen module called as the encoder's `layer_inputs` hook,
@@ -144,7 +144,7 @@ def make_prompted_params(model: PromptedT5, t5_params: dict, rng: jax.Array,
   `prompt_values` ([P, H] or the bank's shape) overrides the module's initializer.
   """
   shape = prompt_shape(model.prompt_length, model.config.emb_dim, model.num_prompts)
-  init = model.prompt_init if prompt_values is None else prompts.from_array(prompt_values)
+  init = model.prompt_init if prompt_values is None else from_array(prompt_values)
   prompt = init(rng, shape, t5_params["token_embedder"]["embedding"])
   if PROMPT_PATH[0] in t5_params:
     raise ValueError("these params already hold a prompt; pass the frozen T5's params")
