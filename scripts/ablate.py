@@ -41,6 +41,7 @@ def main(argv=None) -> dict:
   from softprompt_jax.model_spec import frozen_model, load_frozen
   from softprompt_jax.pretrained import TINY_MODEL_DIR, verify_checksums
   from softprompt_jax.prompted_t5 import PromptedT5
+  from softprompt_jax.run_layout import CHECKPOINT_SUBDIR, PROMPT_FILE
   from softprompt_jax.tokenizers import ByteVocabulary
   from softprompt_jax.training_loop import train
 
@@ -75,7 +76,7 @@ def main(argv=None) -> dict:
               target_length=TARGET_LENGTH, dropout_rate=0.0, eval_every=args.steps,
               eval_max_examples=args.eval_examples, keep_checkpoints=1, seed=seed,
               log_every=args.steps)
-        prompt = prompts.load_npy(run / "prompt.npy")
+        prompt = prompts.load_npy(run / PROMPT_FILE)
         test = synthetic.make_records(args.task, "test", args.eval_examples, seed=seed)
         model = PromptedT5(config, prompt_length=length)
         accuracy = _accuracy(model, {**frozen, "prompt": {"prompt": prompt}}, task, test, vocab)
@@ -84,7 +85,7 @@ def main(argv=None) -> dict:
         with open(results_file, "a") as f:
           f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # keep the folder small
+        shutil.rmtree(run / CHECKPOINT_SUBDIR, ignore_errors=True)  # keep the folder small
 
   table = ["| init \\ prompt length | " + " | ".join(str(n) for n in lengths) + " |",
            "| --- |" + " --- |" * len(lengths)]

@@ -288,6 +288,7 @@ def main(argv=None) -> dict:
   import torch
 
   from softprompt_jax import flops
+  from softprompt_jax.prompted_t5 import get_prompt
   s = settings(args)
   device = torch_device(args.torch_device)
   s["torch_device"] = str(device)
@@ -322,7 +323,7 @@ def main(argv=None) -> dict:
     r = {}
     r["flops"] = {"prompt_tuning": counted.prompt_tuning, "model_tuning": counted.model_tuning}
     with tempfile.TemporaryDirectory() as tmp:
-      peft_model = hf_models(config, params, np.asarray(params["prompt"]["prompt"]), tmp, device,
+      peft_model = hf_models(config, params, np.asarray(get_prompt(params)), tmp, device,
                              s["dtype"])
       r["loss"] = same_function(model, params, batch, peft_model, enc, targets, device,
                                 matmul_precision(s["dtype"], info["gpu"]))

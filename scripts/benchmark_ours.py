@@ -112,12 +112,12 @@ def mixed_batches(model, params, s: dict, enc) -> dict:
   import numpy as np
 
   from softprompt_jax import decoding
-  from softprompt_jax.prompted_t5 import PromptedT5
+  from softprompt_jax.prompted_t5 import PromptedT5, get_prompt, with_prompt
   single, config = model, model.config
   bank = PromptedT5(config, prompt_length=s["prompt_len"], num_prompts=NUM_BANK_PROMPTS)
-  bank_params = {**params, "prompt": {"prompt": jax.random.uniform(
-      jax.random.PRNGKey(1), (NUM_BANK_PROMPTS,) + params["prompt"]["prompt"].shape, minval=-0.5,
-      maxval=0.5)}}
+  bank_params = with_prompt(params, jax.random.uniform(
+      jax.random.PRNGKey(1), (NUM_BANK_PROMPTS,) + get_prompt(params).shape, minval=-0.5,
+      maxval=0.5))
   b = enc.shape[0]
   ids = np.arange(b, dtype=np.int32) % NUM_BANK_PROMPTS
   dec_in = jnp.zeros((b, s["target_len"]), jnp.int32)

@@ -84,6 +84,8 @@ def append(x_BxTxH, valid_BxT, prompt_BxPxH):
   return x, in_text | in_prompt
 
 
+# How the prompt joins the embedded input: `placement(x_BxTxH, valid_BxT, prompt_BxPxH) ->
+# (x_Bx(T+P)xH, valid_Bx(T+P))`. A new placement is one function and one entry here.
 PLACEMENTS = {"prepend": prepend, "append": append}
 
 

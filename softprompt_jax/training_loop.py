@@ -1,12 +1,10 @@
 """The training loop: `train` (prompt tuning, or model tuning with trainable='.*'), resumable.
 
-A run: check every value and every split (before anything is read) -> set up (run_setup: mesh,
-frozen T5 in its shards, prompt from the real embedding) -> masked optimizer and sharded step ->
-resume from the latest good checkpoint -> steps, with periodic evaluation and prompt-only
-checkpoints, logs on process 0; on SIGTERM / SIGINT a checkpoint and `Preempted` -> the best
-prompt, curves and, last, the summary that marks the run finished. Every process runs all of it
-(checkpoints are saved and restored collectively); only process 0 writes other files.
-"""
+A run: check every value and every split (before anything is read) -> set up (run_setup) ->
+masked optimizer and sharded step -> resume from the latest good checkpoint -> steps, with
+periodic evaluation and prompt-only checkpoints; on SIGTERM / SIGINT a checkpoint and `Preempted`
+-> the best prompt, curves and, last, the summary that marks the run finished. Every process runs
+all of it (checkpoints are saved collectively); only process 0 writes other files."""
 
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ from softprompt_jax.data import pipeline
 from softprompt_jax.errors import ConfigError, NumericalError
 from softprompt_jax.evaluation import run_eval
 from softprompt_jax.model_spec import ModelSpec
+from softprompt_jax.prompted_t5 import PLACEMENTS
 from softprompt_jax.run_dir import completed_summary, last_logged_loss, write_results
 from softprompt_jax.run_layout import CHECKPOINT_SUBDIR
 from softprompt_jax.run_log import RunLog
@@ -50,7 +49,7 @@ TRAIN_RULES = {
     "task": cc.Rule("a task name", _is_task), "vocabulary": cc.text(optional=True),
     "data_source": cc.data_source(), "prompt_length": cc.integer(0),
     "prompt_init": cc.function("an initializer such as @prompts.class_labels"),
-    "placement": cc.one_of("prepend", "append"), "trainable": cc.texts(),
+    "placement": cc.one_of(*PLACEMENTS), "trainable": cc.texts(),
     "optimizer": cc.Rule("an optax optimizer such as @optim.adafactor()", _is_optimizer,
                          optional=True),
     "num_steps": cc.POSITIVE, "batch_size": cc.POSITIVE, "input_length": cc.POSITIVE,
