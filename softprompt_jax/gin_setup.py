@@ -94,6 +94,49 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str | No
     raise ConfigError(f"gin configuration: {describe_error(e)}") from None
   finally:
     root.setLevel(level)
+  _check_macros_used(bindings)
+
+
+# t5x / prompt-tuning macro names with no meaning of their own here, and what to set instead.
+T5X_MACROS = {
+    "TRAIN_STEPS": "train.num_steps (the steps of this run; t5x's TRAIN_STEPS also counts the "
+                   "pretrained checkpoint's steps)",
+    "TASK_FEATURE_LENGTHS": "train.input_length and train.target_length",
+    "MIXTURE_OR_TASK_NAME": "TASK",
+    "INITIAL_CHECKPOINT_PATH": "CHECKPOINT_PATH (in a models/*.gin file)",
+    "EVAL_PERIOD": "train.eval_every",
+}
+
+
+def _check_macros_used(bindings: Sequence[str]) -> None:
+  """A macro set on the command line that no setting reads would be silently ignored (t5x users
+  pass --gin.TRAIN_STEPS=…): refuse it, naming it and what to set instead."""
+  given = [m.group(1) for b in bindings
+           if (m := re.match(r"\s*([A-Za-z_]\w*)\s*=", b))]  # NAME = …, no dot: a macro
+  if not given:
+    return
+  used = set()
+
+  def collect(value) -> None:
+    if isinstance(value, gin.config.ConfigurableReference):
+      if value.selector == "gin.macro":
+        used.add(value.scoped_selector.split("/")[0])
+    elif isinstance(value, dict):
+      for item in value.values():
+        collect(item)
+    elif isinstance(value, (list, tuple)):
+      for item in value:
+        collect(item)
+  for parameters in gin.config._CONFIG.values():  # gin keeps no public list of its bindings
+    for value in parameters.values():
+      collect(value)
+  for name in given:
+    if name not in used:
+      instead = T5X_MACROS.get(name)
+      hint = (f"; set {instead} instead" if instead else
+              f"; macros these gin files read: {', '.join(sorted(used)) or 'none'}")
+      raise ConfigError(f"--gin.{name} is set, but no setting reads %{name}, so it would be "
+                        f"ignored{hint}")
 
 
 def describe_error(error: BaseException) -> str:
