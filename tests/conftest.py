@@ -1,4 +1,5 @@
-"""Shared test setup: 8 simulated CPU devices for sharding tests, and the ../shared fixtures."""
+"""Shared test setup: 8 simulated CPU devices for sharding tests, and the real artifacts in
+tests/testdata/ (see its NOTICE)."""
 
 import os
 import pathlib
@@ -10,16 +11,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+# Real artifacts made by other projects (a t5x checkpoint, T5's vocabulary, released prompts),
+# committed with the tests so that a fresh clone runs every test that reads them.
+TESTDATA = REPO_ROOT / "tests" / "testdata"
 
 
 @pytest.fixture(scope="session")
-def shared_fixtures() -> pathlib.Path:
-  """`../shared/fixtures`, or a skip saying why when a fresh clone has none beside it."""
-  if not SHARED_FIXTURES.is_dir():
-    pytest.skip(f"real-artifact fixtures not found at {SHARED_FIXTURES} "
-                "(they live in ../shared beside the checkout; CI provides them)")
-  return SHARED_FIXTURES
+def testdata() -> pathlib.Path:
+  """`tests/testdata/`. A missing folder is a broken checkout, so it fails rather than skips."""
+  assert (TESTDATA / "NOTICE").is_file(), f"{TESTDATA} is missing or incomplete"
+  return TESTDATA
 
 
 def _forbidden(what):

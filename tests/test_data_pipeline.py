@@ -289,9 +289,9 @@ def test_train_and_eval_entry_points():
       f"sst2 sentence: s{i}" for i in range(5)]
 
 
-def test_t5_vocabulary_batches(shared_fixtures):
+def test_t5_vocabulary_batches(testdata):
   from softprompt_jax.tokenizers import SentencePieceVocabulary
-  vocab = SentencePieceVocabulary(shared_fixtures / "t5_vocab" / "sentencepiece.model")
+  vocab = SentencePieceVocabulary(testdata / "t5_vocab" / "sentencepiece.model")
   record = {"premise": "A cat sat.", "hypothesis": "A cat is sitting.", "label": 1}
   batch = next(get_batches("super_glue_rte", "validation", vocab, source=[record],
                            input_length=32, target_length=8, batch_size=2))

@@ -250,8 +250,8 @@ def test_byte_vocabulary_rejects_lone_surrogates(text):
 
 
 @pytest.fixture(scope="module")
-def t5_vocab(shared_fixtures):
-  return SentencePieceVocabulary(shared_fixtures / "t5_vocab" / "sentencepiece.model")
+def t5_vocab(testdata):
+  return SentencePieceVocabulary(testdata / "t5_vocab" / "sentencepiece.model")
 
 
 @FUZZ

@@ -45,8 +45,8 @@ def _random_params(config, seed):
 
 
 @pytest.fixture(scope="module")
-def fixture_dir(shared_fixtures) -> pathlib.Path:
-  return shared_fixtures / FIXTURE
+def fixture_dir(testdata) -> pathlib.Path:
+  return testdata / FIXTURE
 
 
 @pytest.fixture(scope="module")

@@ -87,14 +87,14 @@ def test_npy_round_trip_and_errors(tmp_path):
     prompts.from_npy(str(tmp_path / "missing.npy"))
 
 
-def test_released_prompts_load_into_a_base_configuration(shared_fixtures):
+def test_released_prompts_load_into_a_base_configuration(testdata):
   model = PromptedT5(sj.t5_config("base"), prompt_length=100)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32),
                           jnp.ones((1, 2), jnp.int32))["params"]
   expected = shapes["prompt"]["prompt"].shape
   assert expected == (100, 768)
   for task in ("sst2", "mrpc", "rte"):
-    path = shared_fixtures / "released_prompts" / "t5_1_1_lm100k_base" / f"{task}.npy"
+    path = testdata / "released_prompts" / "t5_1_1_lm100k_base" / f"{task}.npy"
     values = np.asarray(prompts.from_npy(str(path))(None, expected))
     assert values.dtype == np.float32 and np.isfinite(values).all()
     assert values.std() > 0

@@ -229,14 +229,14 @@ def test_shipped_model_and_data_files_never_unpickle(tmp_path):
   assert records == [{"text": "a", "label": 1}, {"text": "b", "label": 0}]
 
 
-def test_real_fixtures_never_unpickle(shared_fixtures):
+def test_real_fixtures_never_unpickle(testdata):
   """The released prompts, the T5 SentencePiece model and the real t5x checkpoint."""
   from softprompt_jax.tokenizers import get_vocabulary
   with unpickling_forbidden():
-    prompt = prompts.load_npy(shared_fixtures / "released_prompts" / "t5_1_1_lm100k_base" /
+    prompt = prompts.load_npy(testdata / "released_prompts" / "t5_1_1_lm100k_base" /
                               "rte.npy")
-    vocab = get_vocabulary(shared_fixtures / "t5_vocab" / "sentencepiece.model")
-    model, _ = load_t5(shared_fixtures / "t5x_t5_1_1_tiny" / "checkpoint_3")
+    vocab = get_vocabulary(testdata / "t5_vocab" / "sentencepiece.model")
+    model, _ = load_t5(testdata / "t5x_t5_1_1_tiny" / "checkpoint_3")
   assert prompt.shape == (100, 768) and vocab.vocab_size > 32000
   assert model.config.vocab_size == 32128
 

@@ -55,8 +55,8 @@ TEXTS = PLAIN_TEXTS + SENTINEL_TEXTS
 
 
 @pytest.fixture(scope="module")
-def vocab_path(shared_fixtures):
-  return shared_fixtures / "t5_vocab" / "sentencepiece.model"
+def vocab_path(testdata):
+  return testdata / "t5_vocab" / "sentencepiece.model"
 
 
 @pytest.fixture(scope="module")
