@@ -1,4 +1,7 @@
-"""The `softprompt-jax` command (also `python -m softprompt_jax`)."""
+"""The `softprompt-jax` command (also `python -m softprompt_jax`): prompt tuning of a frozen T5.
+
+`softprompt-jax COMMAND --help` shows a command's options, their defaults and an example.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import traceback
 import gin
 import jax
 
-from softprompt_jax import generate, gin_setup, multihost, output_files
+from softprompt_jax import __version__, generate, gin_setup, multihost, output_files
 from softprompt_jax.demo import run_demo
 from softprompt_jax.errors import ConfigError, UsageError, is_user_error, one_line
 from softprompt_jax.inference import export_prompt
@@ -194,57 +197,123 @@ def _demo(args, extra) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="softprompt-jax", description=__doc__)
+  class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Paragraphs are wrapped, indented example lines kept whole; a default is shown where it
+    says something (not None, an unset flag or an empty list)."""
+
+    def _fill_text(self, text, width, indent):
+      return "\n".join(indent + line if line.startswith("  ") or not line.strip()
+                       else super(Help, self)._fill_text(line, width, indent)
+                       for line in text.splitlines())
+
+    def _get_help_string(self, action):
+      default = action.default
+      if default is None or default is False or (isinstance(default, list) and not default):
+        return action.help
+      return super()._get_help_string(action)
+
+  def command(name, summary, description, examples):
+    epilog = "example:\n" + "\n".join(f"  softprompt-jax {name} {e}".rstrip() for e in examples)
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                          formatter_class=Help, parents=[common])
+
+  parser = argparse.ArgumentParser(
+      prog="softprompt-jax", description=__doc__, formatter_class=Help,
+      epilog="example:\n  softprompt-jax demo\n  softprompt-jax train --help")
+  parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
   traceback_help = (f"on a configuration or input error, show the full traceback rather than "
                     f"one line (also {TRACEBACK_ENV}=1)")
   parser.add_argument("--traceback", action="store_true", help=traceback_help)
-  sub = parser.add_subparsers(dest="command", required=True)
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   # Accepted after the command too; SUPPRESS keeps a subcommand from resetting the flag.
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
                       help=traceback_help)
-  for command, text in [("train", "prompt-tune (resumes when run again)"),
-                        ("eval", "evaluate a trained prompt on a split"),
-                        ("infer", "predict a JSONL file with a bank of prompts"),
-                        ("interpret", "nearest vocabulary tokens of a run's prompt")]:
-    p = sub.add_parser(command, help=text, parents=[common])
+  gin_note = (" Gin files are looked up in the working directory, then in the shipped configs/; "
+              "--gin.PARAM=VALUE binds one parameter after them.")
+  gin_commands = [
+      ("train", "prompt-tune (resumes when run again)",
+       "Prompt-tune a frozen T5 as the gin files configure it. The run directory gets the "
+       "checkpoints, metrics, the best prompt (prompt.npy) and summary.json; the same command "
+       "run again resumes from the last checkpoint." + gin_note,
+       ["--gin_file runs/smoke.gin --model_dir /tmp/smoke"]),
+      ("eval", "evaluate a trained prompt on a split",
+       "Evaluate a run's best (else latest) prompt, or a .npy given as PROMPT_FILE, on one split "
+       "of a task; prints the metrics and writes eval_<split>.json into the run directory."
+       + gin_note,
+       ["--gin_file models/tiny.gin --gin_file runs/prompt_eval.gin "
+        "--gin.TASK=\"'taskless_synthetic_sentiment'\" --gin.evaluate.input_length=64 "
+        "--gin.evaluate.target_length=10 --model_dir /tmp/smoke"]),
+      ("infer", "predict a JSONL file with a bank of prompts",
+       "Decode a JSONL file of {\"task\": ..., \"inputs\": ...} lines with one prompt per task "
+       "(a run directory or a .npy), tasks mixed in one batch; writes one prediction per line."
+       + gin_note,
+       ["--gin_file models/tiny.gin --gin_file runs/prompt_infer.gin "
+        "--gin.PROMPTS=\"{'taskless_synthetic_sentiment': '/tmp/smoke'}\" "
+        "--gin.INPUT_FILE=\"'in.jsonl'\" --gin.OUTPUT_FILE=\"'out.jsonl'\""]),
+      ("interpret", "nearest vocabulary tokens of a run's prompt",
+       "Read a run's prompt and write the vocabulary tokens nearest to each prompt vector to "
+       "interpretation.json in the run directory.",
+       ["--model_dir /tmp/smoke"]),
+  ]
+  for name, summary, description, examples in gin_commands:
+    p = command(name, summary, description, examples)
     p.add_argument("--gin_file", action="append", default=[],
                    help="gin file (repeatable, applied in order; looked up in ./ and configs/)")
     p.add_argument("--gin_bindings", action="append", default=[],
                    help="a gin binding, e.g. 'train.num_steps = 100' (also --gin.PARAM=VALUE)")
     p.add_argument("--model_dir", help="the run directory; sets the gin macro MODEL_DIR")
-    if command in MULTI_HOST_COMMANDS:
+    if name in MULTI_HOST_COMMANDS:
       _add_multi_host_flags(p)
     p.set_defaults(run=_gin_run)
-  exp = sub.add_parser("export", help="write a run's best (else latest) prompt", parents=[common])
-  exp.add_argument("--model_dir", required=True)
-  exp.add_argument("--out", required=True, help="FILE.npy, or a directory for a PEFT adapter")
+  exp = command("export", "write a run's best (else latest) prompt",
+                "Write a run's best (else latest) prompt as a .npy file ([P, d_model], float32, "
+                "the released prompts' format) or, when --out is not a .npy, as a PEFT adapter "
+                "directory that PyTorch users load with PEFT.",
+                ["--model_dir /tmp/smoke --out prompt.npy",
+                 "--model_dir /tmp/smoke --out /tmp/smoke_adapter"])
+  exp.add_argument("--model_dir", required=True, help="the run directory to read")
+  exp.add_argument("--out", required=True, help="FILE.npy (or - for stdout), or a directory for "
+                   "a PEFT adapter")
   exp.set_defaults(run=_export)
-  demo = sub.add_parser("demo", help="prompt tuning on the shipped tiny T5, offline, in minutes",
-                        parents=[common])
-  demo.add_argument("--run_dir", default="demo_run")
+  demo = command("demo", "prompt tuning on the shipped tiny T5, offline, in minutes",
+                 "Prompt-tune the tiny T5 shipped inside the package on a synthetic task shown "
+                 "without its written instruction, and compare held-out accuracy with no prompt, "
+                 "the instruction and model tuning. Offline; a few minutes on a laptop CPU.",
+                 ["", "--run_dir /tmp/demo --steps 100"])
+  demo.add_argument("--run_dir", default="demo_run", help="where the runs, prompt.npy, "
+                    "curves.png and summary.json go")
   demo.add_argument("--task", default="sentiment", help="a synthetic task, shown without its "
                     "written instruction")
-  demo.add_argument("--prompt_length", type=int, default=20)
-  demo.add_argument("--steps", type=int, default=300)
-  demo.add_argument("--model_tuning_steps", type=int, default=300)
-  demo.add_argument("--eval_examples", type=int, default=200)
-  demo.add_argument("--seed", type=int, default=0)
+  demo.add_argument("--prompt_length", type=int, default=20, help="prompt vectors (P)")
+  demo.add_argument("--steps", type=int, default=300, help="prompt-tuning steps")
+  demo.add_argument("--model_tuning_steps", type=int, default=300,
+                    help="steps of the model-tuning baseline (all weights trained)")
+  demo.add_argument("--eval_examples", type=int, default=200, help="held-out test examples")
+  demo.add_argument("--seed", type=int, default=0, help="seed of the data and the runs")
   demo.set_defaults(run=_demo)
-  gen = sub.add_parser("generate", help="load a T5 checkpoint and decode some inputs",
-                       parents=[common])
+  gen = command("generate", "load a T5 checkpoint and decode some inputs",
+                "Load a t5x or Hugging Face T5 checkpoint (no prompt) and decode the inputs, "
+                "printing the texts and timings. Without --checkpoint a tiny random model is "
+                "written on the fly: its output is arbitrary, it shows the load-and-decode path.",
+                ["", "--checkpoint /ckpt/checkpoint_1100000 --vocab /vocab/sentencepiece.model "
+                 "--input 'translate English to German: Hello.' --method beam"])
   gen.add_argument("--checkpoint", help="t5x or Hugging Face checkpoint (default: a tiny random "
                    "model written on the fly)")
   gen.add_argument("--vocab", default="byte", help="'byte' (ByT5) or a SentencePiece .model file")
-  gen.add_argument("--input", nargs="+", default=["reverse: hello world", "sort: c a b"])
-  gen.add_argument("--method", choices=["greedy", "beam", "sample"], default="greedy")
-  gen.add_argument("--max_length", type=int, default=16)
-  gen.add_argument("--max_input_length", type=int, default=64)
-  gen.add_argument("--num_beams", type=int, default=4)
-  gen.add_argument("--temperature", type=float, default=1.0)
-  gen.add_argument("--top_k", type=int, default=0)
-  gen.add_argument("--top_p", type=float, default=1.0)
-  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--input", nargs="+", default=["reverse: hello world", "sort: c a b"],
+                   help="texts to decode")
+  gen.add_argument("--method", choices=["greedy", "beam", "sample"], default="greedy",
+                   help="decoding method")
+  gen.add_argument("--max_length", type=int, default=16, help="most tokens decoded per input")
+  gen.add_argument("--max_input_length", type=int, default=64,
+                   help="input tokens kept; longer inputs are cut")
+  gen.add_argument("--num_beams", type=int, default=4, help="beams, for --method beam")
+  gen.add_argument("--temperature", type=float, default=1.0,
+                   help="for --method sample; 0 is greedy")
+  gen.add_argument("--top_k", type=int, default=0, help="for --method sample; 0 turns it off")
+  gen.add_argument("--top_p", type=float, default=1.0, help="for --method sample; 1 turns it off")
+  gen.add_argument("--seed", type=int, default=0, help="seed of sampling and of the random model")
   gen.set_defaults(run=_generate)
   return parser
 

@@ -162,7 +162,11 @@ def _user_defined_pieces(pieces: Sequence[str]) -> bytes:
 
   Concatenating these to a serialized ModelProto appends them to its repeated `pieces` field (the
   protobuf wire format merges repeated fields), which is what seqio does through protobuf's
-  `model.pieces.add(...)`; writing the few bytes by hand spares the library a protobuf dependency.
+  `model.pieces.add(...)` (tests/test_tokenizers.py checks the result against that recipe). The
+  bytes are written by hand rather than through sentencepiece's generated
+  `sentencepiece_model_pb2`: the wire format is fixed, while that generated module refuses to
+  import under a protobuf runtime older than the protoc that generated it. So the library needs
+  no protobuf; only the tests' references (transformers' T5Tokenizer, seqio's recipe) do.
   """
   out = []
   for piece in pieces:
