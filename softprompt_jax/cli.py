@@ -25,6 +25,7 @@ from softprompt_jax.errors import ConfigError, UsageError, is_user_error, one_li
 from softprompt_jax.inference import export_prompt
 from softprompt_jax.multihost import PEER_LOST_STATUS
 from softprompt_jax.partitioning import is_primary_process
+from softprompt_jax.paths import local_path
 from softprompt_jax.preemption import Interrupted, Preempted, SignalsAsExceptions
 from softprompt_jax.run_layout import CHECKPOINT_SUBDIR, CONFIG_FILE, OPERATIVE_CONFIG_FILE
 from softprompt_jax.run_lock import RunDirectoryBusy, RunLock
@@ -35,6 +36,7 @@ TRACEBACK_ENV = "SOFTPROMPT_JAX_TRACEBACK"
 USAGE_STATUS = 2
 # The commands that join the other processes of a multi-host run.
 MULTI_HOST_COMMANDS = ("train", "eval", "infer")
+_LOCAL_RUN_DIR = "give a local directory; copy the run to the bucket afterwards"
 
 
 def _generate(args, extra) -> int:
@@ -54,6 +56,8 @@ def _gin_run(args, extra) -> int:
     raise UsageError("give at least one --gin_file (e.g. runs/smoke.gin)")
   if args.command == "interpret" and not args.model_dir:
     raise UsageError("give --model_dir (the run to read)")
+  if args.model_dir:  # before gin's MODEL_DIR gets it: `~` expanded, a URL refused
+    args.model_dir = os.fspath(local_path(args.model_dir, "--model_dir", advice=_LOCAL_RUN_DIR))
   gin_setup.parse(args.gin_file, bindings, args.model_dir)
   configurables = gin_setup.register()
   name = {"train": "train", "eval": "evaluate", "infer": "infer",
@@ -88,7 +92,7 @@ def _run_configurable(args, configurable, passed: dict) -> int:
     run_dir = args.model_dir or _bound_value("train.model_dir")
     if not run_dir:
       raise UsageError("give --model_dir (the run directory, where checkpoints and logs go)")
-    return _train(pathlib.Path(run_dir), configurable)
+    return _train(run_dir, configurable)
   result = configurable()
   if args.command == "infer" and is_primary_process():
     print(f"wrote {result} predictions", file=_message_stream(_bound_value("infer.output_file")))
@@ -130,9 +134,11 @@ def _bound_value(selector: str):
   return value
 
 
-def _train(run_dir: pathlib.Path, train) -> int:
+def _train(run_dir: str | os.PathLike, train) -> int:
   """Records the configuration in the run directory; a run that fails before its first
   checkpoint (a configuration error) leaves the directory as it found it."""
+  # A URL bound in gin (train.model_dir = 'gs://...') would become a local folder 'gs:'.
+  run_dir = local_path(run_dir, "train.model_dir", advice=_LOCAL_RUN_DIR)
   primary = is_primary_process()  # only process 0 writes the record
   if run_dir.exists() and not run_dir.is_dir():
     raise UsageError(f"--model_dir {run_dir} is a file; give a directory (new or a run's)")

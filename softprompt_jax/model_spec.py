@@ -17,6 +17,7 @@ import numpy as np
 
 from softprompt_jax import config_checks as cc
 from softprompt_jax.checkpoints import loading
+from softprompt_jax.paths import local_path
 from softprompt_jax.t5 import T5
 from softprompt_jax.t5_config import FAMILIES, SIZES, T5Config, t5_config, tiny_config
 
@@ -74,6 +75,9 @@ def frozen_model(checkpoint: Optional[str] = None, family: str = "t5_1_1", size:
   float32 by bfloat16 rounding). Trainable parameters and optimizer state are float32 always.
   """
   cc.check("frozen_model", locals(), FROZEN_MODEL_RULES)
+  if checkpoint is not None:  # a URL is refused here, before anything is read
+    checkpoint = str(local_path(checkpoint, "frozen_model.checkpoint",
+                                advice="copy the checkpoint to a local directory first"))
   return ModelSpec(checkpoint, family, size, tuple(sorted((overrides or {}).items())), seed,
                    jnp.dtype(frozen_dtype).name if not isinstance(frozen_dtype, str)
                    else frozen_dtype)

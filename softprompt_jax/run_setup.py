@@ -15,6 +15,7 @@ from softprompt_jax import config_checks as cc
 from softprompt_jax import optim, partitioning, prompts
 from softprompt_jax.checkpoints import loading
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
+from softprompt_jax.checkpoints.integrity import same_model
 from softprompt_jax.data import get_task
 from softprompt_jax.errors import ConfigError
 from softprompt_jax.model_spec import ModelSpec, load_frozen
@@ -179,6 +180,14 @@ def check_same_run(saved: dict, current: dict, model_dir) -> None:
   saved run recorded: older runs did not)."""
   for key in (k for k in RUN_IDENTITY if k in current):
     if key in ("seed", "data_source") and key not in saved:
+      continue
+    if key == "model_fingerprint":
+      if not same_model(saved.get(key), current.get(key)):
+        raise ConfigError(f"{model_dir}: this run directory was trained with another frozen "
+                          f"model (model_fingerprint {saved.get(key)!r}, now "
+                          f"{current.get(key)!r}; a checkpoint's is its files' names, sizes and "
+                          "modification times); use a new --model_dir or the original "
+                          "checkpoint (copies must keep the times: cp -p, rsync -t)")
       continue
     if saved.get(key) != current.get(key):
       raise ConfigError(f"{model_dir}: this run directory was trained with {key}="

@@ -20,6 +20,7 @@ import numpy as np
 import sentencepiece
 
 from softprompt_jax.errors import UserError
+from softprompt_jax.paths import local_path
 
 PAD_ID = 0
 EOS_ID = 1
@@ -188,7 +189,7 @@ class SentencePieceVocabulary(Vocabulary):
   """
 
   def __init__(self, model_file: str | os.PathLike, extra_ids: int = 100):
-    self.model_file = os.fspath(model_file)
+    self.model_file = os.fspath(local_path(model_file, "vocabulary"))
     self.extra_ids = int(extra_ids)
     try:
       model_bytes = pathlib.Path(self.model_file).read_bytes()
@@ -274,7 +275,8 @@ def get_vocabulary(spec: str | os.PathLike | Vocabulary, extra_ids: int = 100) -
   name = os.fspath(spec)
   if name.lower() in ("byte", "byt5"):
     return ByteVocabulary()
-  if name.endswith(".model") or os.path.exists(name):
-    return SentencePieceVocabulary(name, extra_ids=extra_ids)
+  path = local_path(name, "vocabulary", advice="copy the .model file to a local path first")
+  if name.endswith(".model") or path.exists():
+    return SentencePieceVocabulary(path, extra_ids=extra_ids)
   raise ValueError(f"unknown vocabulary {name!r}: use 'byte' / 'byt5' or the path of a "
                    "SentencePiece .model file")

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from softprompt_jax import config_checks as cc
-from softprompt_jax import optim, partitioning, preemption, prompts
+from softprompt_jax import optim, partitioning, paths, preemption, prompts
 from softprompt_jax import train_step as ts
 from softprompt_jax.checkpoints.integrity import fingerprint
 from softprompt_jax.checkpoints.state import PromptCheckpoints, abstract_like
@@ -95,7 +95,7 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   """
   cc.check("train", locals(), TRAIN_RULES)
   start_time = time.time()
-  model_dir = pathlib.Path(model_dir)
+  model_dir = paths.local_path(model_dir, "train.model_dir")  # `~` expanded; a URL refused
   _check_train_values(model_dir, prompt_length, trainable)
   finished = completed_summary(model_dir, num_steps, prompt_length)
   if finished is not None:  # a rerun of a finished run: every file stays as it is

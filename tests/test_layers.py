@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "softprompt_jax"
 
 # Bottom to top, as in the README's "What is here".
 LAYERS = [
-    ("foundations", ["errors", "config_checks", "output_files", "run_layout"]),
+    ("foundations", ["errors", "config_checks", "output_files", "run_layout", "paths"]),
     ("config and math", ["t5_config", "t5_layers", "t5", "losses", "optim", "tokenizers",
                          "metrics", "flops"]),
     ("model variants", ["prompt_init", "prompted_t5", "decoding", "nearest_tokens",

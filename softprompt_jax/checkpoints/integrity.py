@@ -2,8 +2,9 @@
 
 A saved training step carries `sha256sums.json` (the sum of each of its files); `damage` tells
 a step whose files no longer match it. The shipped tiny model's manifest lists sums the same way
-(see `pretrained`). A frozen checkpoint is recorded in a run by `fingerprint`, which hashes big
-files only in part: hashing a 40 GB checkpoint at every start would cost minutes.
+(see `pretrained`). A frozen checkpoint is recorded in a run by `fingerprint`: its files' names,
+sizes and modification times and its small metadata files, never its weights (hashing a 40 GB
+checkpoint at every start would cost minutes).
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ import json
 import pathlib
 from typing import Optional
 
+from softprompt_jax.paths import local_path
+
 INTEGRITY_FILE = "sha256sums.json"
-# Files above this size are fingerprinted by their size and first/last blocks, not fully hashed.
-_FULL_HASH_LIMIT = 64 * 2 ** 20
-_BLOCK = 16 * 2 ** 20
+# Marks the fingerprint's kind: older runs recorded a content hash (bare hex), see `same_model`.
+FINGERPRINT_PREFIX = "stat-v2:"
+# A checkpoint's own description, hashed in full when small: t5x's msgpack `checkpoint` (array
+# specs; it holds the weights themselves in small models), orbax's metadata, Hugging Face's
+# config and shard index.
+METADATA_FILES = frozenset({"checkpoint", "_METADATA", "_CHECKPOINT_METADATA", "_sharding",
+                            "manifest.ocdbt", "config.json", "model.safetensors.index.json"})
+_METADATA_LIMIT = 4 * 2 ** 20
 
 
 def sha256(path: pathlib.Path) -> str:
@@ -55,18 +63,27 @@ def damage(directory: pathlib.Path) -> Optional[str]:
 
 
 def fingerprint(path) -> str:
-  """A sha256 over a checkpoint's file names, sizes and contents (head and tail of big files)."""
-  path = pathlib.Path(path)
+  """The identity of a frozen checkpoint, read from the file system, not from the weights:
+  FINGERPRINT_PREFIX + a sha256 over every file's name, size and modification time, and over
+  the contents of the checkpoint's own small metadata files (METADATA_FILES). A changed,
+  touched, added or renamed file changes it; a copy that keeps the times (`cp -p`, rsync -t)
+  keeps it."""
+  path = local_path(path, "checkpoint")
   files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
   digest = hashlib.sha256()
   for file in files:
-    size = file.stat().st_size
-    digest.update(f"{file.relative_to(path) if file != path else file.name}:{size}\n".encode())
-    with open(file, "rb") as f:
-      if size <= _FULL_HASH_LIMIT:
-        digest.update(f.read())
-      else:
-        digest.update(f.read(_BLOCK))
-        f.seek(size - _BLOCK)
-        digest.update(f.read(_BLOCK))
-  return digest.hexdigest()
+    stat = file.stat()
+    name = file.relative_to(path) if file != path else file.name
+    digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    if file.name in METADATA_FILES and stat.st_size <= _METADATA_LIMIT:
+      digest.update(file.read_bytes())
+  return FINGERPRINT_PREFIX + digest.hexdigest()
+
+
+def same_model(saved: Optional[str], current: Optional[str]) -> bool:
+  """Whether a run's recorded fingerprint allows resuming with the checkpoint fingerprinted now.
+  A fingerprint of the older, content-hashing kind (64 hex digits, no prefix) cannot be
+  recomputed cheaply: it is accepted, and the run's next checkpoint records the new kind."""
+  if isinstance(saved, str) and not saved.startswith(FINGERPRINT_PREFIX) and current:
+    return True
+  return saved == current

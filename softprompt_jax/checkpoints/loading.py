@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import pathlib
 from typing import Any, Callable, Optional
 
 import jax
@@ -25,6 +24,7 @@ from softprompt_jax.checkpoints.checkpoint_reader import (CheckpointError,
                                                           CheckpointMismatchError,
                                                           CheckpointReader, ParamPath,
                                                           is_floating, join_path)
+from softprompt_jax.paths import local_path
 from softprompt_jax.t5 import T5
 from softprompt_jax.t5_config import T5Config
 
@@ -68,11 +68,8 @@ def load_t5(path: os.PathLike | str, *, place: Optional[Place] = None,
 
 def open_checkpoint(path: os.PathLike | str) -> CheckpointReader:
   """The reader for whatever checkpoint format is at `path` (see `load_t5`)."""
-  text = os.fspath(path)
-  if "://" in text:
-    raise CheckpointError(f"{text}: remote paths are not read directly; copy the checkpoint to "
-                          "a local directory first (e.g. `gsutil -m cp -r`)")
-  path = pathlib.Path(text).expanduser()
+  path = local_path(path, "checkpoint", error=CheckpointError,
+                    advice="copy the checkpoint to a local directory first, e.g. `gsutil -m cp -r`")
   if not path.exists():
     hint = (" (a TensorFlow checkpoint prefix? those are not supported)"
             if path.with_name(path.name + ".index").exists() else "")

@@ -30,6 +30,7 @@ import numpy as np
 from softprompt_jax.checkpoints.checkpoint_reader import (CheckpointError, CheckpointReader,
                                                           ParamPath, ShapeDtype, join_path)
 from softprompt_jax.checkpoints.shapes import infer_t5_config
+from softprompt_jax.paths import absolute
 from softprompt_jax.t5_config import T5Config
 
 MSGPACK_FILE = "checkpoint"
@@ -293,12 +294,13 @@ def local_ts_spec(spec: dict, checkpoint_dir: pathlib.Path, name: str) -> dict:
       origin = " (written to Google Cloud Storage; copy the whole checkpoint directory)" if (
           driver == "gcs") else ""
       raise CheckpointError(f"{name}: array directory {array_dir} is missing{origin}")
-    new_kvstore = {"driver": "file", "path": str(array_dir) + "/"}
+    # tensorstore's file driver wants an absolute path without '..' segments.
+    new_kvstore = {"driver": "file", "path": str(absolute(array_dir)) + "/"}
   elif driver == "ocdbt":
     if not (checkpoint_dir / "manifest.ocdbt").is_file():
       raise CheckpointError(f"{name}: an ocdbt array, but {checkpoint_dir} has no manifest.ocdbt")
-    new_kvstore = {"driver": "ocdbt", "base": {"driver": "file", "path": str(checkpoint_dir) + "/"},
-                   "path": relative}
+    new_kvstore = {"driver": "ocdbt", "path": relative,
+                   "base": {"driver": "file", "path": str(absolute(checkpoint_dir)) + "/"}}
   else:
     raise CheckpointError(f"{name}: tensorstore kvstore driver {driver!r} is not supported "
                           "(local 'file', 'gfile', 'gcs' copies and 'ocdbt' are)")
@@ -407,7 +409,7 @@ class T5xOrbaxReader(CheckpointReader):
     import orbax.checkpoint as ocp
     from etils import epath
     self.location = str(item_dir)
-    self._dir = epath.Path(item_dir)
+    self._dir = epath.Path(absolute(item_dir))  # orbax, like tensorstore, wants it absolute
     self._handler = ocp.PyTreeCheckpointHandler()
     try:
       tree = self._handler.metadata(self._dir).tree

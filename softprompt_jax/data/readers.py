@@ -21,6 +21,7 @@ import re
 from typing import Any, Callable, Iterator, Sequence
 
 from softprompt_jax.errors import UserError
+from softprompt_jax.paths import local_path
 
 # A record with where it came from: "file:line" or "file row N".
 Located = tuple[str, dict]
@@ -337,7 +338,7 @@ def located_records(path: str | os.PathLike, split: str | None = None,
   A bad line (malformed JSON, invalid UTF-8, a wrong number of fields) raises a DataError
   naming file and line, or, with `on_bad` (e.g. a SkipLog), is handed to it and skipped.
   """
-  path = pathlib.Path(path)
+  path = _local(path)
   if path.is_dir():
     yield from _located_directory(path, split, on_bad)
     return
@@ -354,29 +355,35 @@ def located_records(path: str | os.PathLike, split: str | None = None,
     yield from readers[path.suffix.lower()](path)
 
 
+def _local(path: str | os.PathLike) -> pathlib.Path:
+  """A data path with `~` expanded; a URL is refused (never read as a local 'gs:/...')."""
+  return local_path(path, "data source", error=DataError,
+                    advice="copy the data to a local file or directory first")
+
+
 def _records(located: Iterator[Located]) -> Iterator[dict]:
   return (record for _, record in located)
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-  return _records(_located_jsonl(pathlib.Path(path)))
+  return _records(_located_jsonl(_local(path)))
 
 
 def read_tsv(path: str | os.PathLike) -> Iterator[dict]:
-  return _records(_located_tsv(pathlib.Path(path)))
+  return _records(_located_tsv(_local(path)))
 
 
 def read_csv(path: str | os.PathLike) -> Iterator[dict]:
-  return _records(_located_csv(pathlib.Path(path)))
+  return _records(_located_csv(_local(path)))
 
 
 def read_parquet(path: str | os.PathLike) -> Iterator[dict]:
-  return _records(_located_parquet(pathlib.Path(path)))
+  return _records(_located_parquet(_local(path)))
 
 
 def read_saved_dataset(path: str | os.PathLike, split: str | None = None) -> Iterator[dict]:
   """Records of a `datasets` save_to_disk directory (a Dataset, or a DatasetDict's split)."""
-  return _records(_located_directory(pathlib.Path(path), split))
+  return _records(_located_directory(_local(path), split))
 
 
 def read_records(path: str | os.PathLike, split: str | None = None) -> Iterator[dict]:
