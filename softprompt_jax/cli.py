@@ -188,7 +188,8 @@ def _checkpoint_names(run_dir: pathlib.Path) -> list[str]:
 def _export(args, extra) -> int:
   if extra:
     raise UsageError(f"unknown arguments {extra}")
-  out = export_prompt(args.model_dir, args.out)
+  model_dir = local_path(args.model_dir, "--model_dir", advice=_LOCAL_RUN_DIR)
+  out = export_prompt(str(model_dir), args.out)
   print(f"wrote {out}", file=_message_stream(args.out))
   return 0
 

@@ -21,6 +21,7 @@ from softprompt_jax.data.tasks import RecordError
 from softprompt_jax.errors import ConfigError
 from softprompt_jax.evaluation import decode_in_batches, run_eval
 from softprompt_jax.model_spec import ModelSpec, load_frozen
+from softprompt_jax.paths import local_path
 from softprompt_jax.peft_interop import load_peft_adapter, save_peft_adapter
 from softprompt_jax.progress import Progress
 from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
@@ -57,7 +58,7 @@ INTERPRET_RULES = {
 def _prompt_values(source) -> np.ndarray:
   """A prompt from a `.npy` file, a PEFT adapter directory, or a run directory; pickles are
   refused by name, and any other file must be a plain .npy array."""
-  path = pathlib.Path(source)
+  path = local_path(source, "the prompt")
   if not path.exists():
     raise FileNotFoundError(f"prompt {path} does not exist; give {_PROMPT_SOURCES}")
   if path.is_file():

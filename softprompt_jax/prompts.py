@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import pathlib
 from typing import Callable, Optional
 
 import numpy as np
@@ -18,6 +17,7 @@ from softprompt_jax import config_checks as cc
 from softprompt_jax import output_files
 from softprompt_jax.checkpoints.prompt_variable import read_checkpoint_variable
 from softprompt_jax.errors import UserError
+from softprompt_jax.paths import local_path
 from softprompt_jax.peft_interop import load_peft_adapter
 # The registry's members from the embedding table, and their types, under this module's name.
 from softprompt_jax.prompt_init import (NUM_SPECIAL_IDS, PromptInit, PromptShapeError,  # noqa: F401
@@ -58,7 +58,7 @@ def from_peft_adapter(path: str) -> PromptInit:
 def load_npy(path: str) -> np.ndarray:
   """A float [P, H] (or [N, P, H]) array from a `.npy` file. Pickled payloads (raw pickles,
   object arrays) are refused without being unpickled: numpy reads with allow_pickle=False."""
-  path = pathlib.Path(path)
+  path = local_path(path, "the prompt file", error=PromptFileError)
   if not path.is_file():
     raise FileNotFoundError(f"prompt file {path} does not exist")
   with open(path, "rb") as f:
