@@ -58,7 +58,9 @@ def _gin_run(args, extra) -> int:
     raise UsageError("give --model_dir (the run to read)")
   if args.model_dir:  # before gin's MODEL_DIR gets it: `~` expanded, a URL refused
     args.model_dir = os.fspath(local_path(args.model_dir, "--model_dir", advice=_LOCAL_RUN_DIR))
-  gin_setup.parse(args.gin_file, bindings, args.model_dir)
+  search_paths = [os.fspath(local_path(p, "--gin_search_paths"))
+                  for p in (args.gin_search_paths or "").split(",") if p.strip()]
+  gin_setup.parse(args.gin_file, bindings, args.model_dir, search_paths)
   configurables = gin_setup.register()
   name = {"train": "train", "eval": "evaluate", "infer": "infer",
           "interpret": "interpret"}[args.command]
@@ -270,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_bindings", action="append", default=[],
                    help="a gin binding, e.g. 'train.num_steps = 100' (also --gin.PARAM=VALUE)")
     p.add_argument("--model_dir", help="the run directory; sets the gin macro MODEL_DIR")
+    p.add_argument("--gin_search_paths",
+                   help="comma-separated directories where --gin_file names are looked up "
+                   "first (as t5x's flag)")
     if name in MULTI_HOST_COMMANDS:
       _add_multi_host_flags(p)
     p.set_defaults(run=_gin_run)

@@ -70,15 +70,20 @@ def config_search_paths() -> list[pathlib.Path]:
   return paths
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str | None) -> None:
+def parse(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str | None,
+          search_paths: Sequence[str] = ()) -> None:
   """Files in order, then bindings (as t5x: later wins); MODEL_DIR from --model_dir.
+  `search_paths` (t5x's --gin_search_paths) are looked in first, then ./ and the shipped configs.
 
   An unknown configurable or parameter, a syntax error or a file not found raises ConfigError
   here, in one line, before any work.
   """
   register()
   gin.clear_config()
-  for path in config_search_paths():
+  # gin only appends to its search list: start it afresh, so one parse's paths (and their order)
+  # never carry into the next.
+  gin.config._LOCATION_PREFIXES[:] = [""]
+  for path in [*search_paths, *config_search_paths()]:
     gin.add_config_file_search_path(str(path))
   macro = [f"MODEL_DIR = {model_dir!r}"] if model_dir is not None else ["MODEL_DIR = None"]
   # gin logs an error for every search path a file is not in before finding it; a file found

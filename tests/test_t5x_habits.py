@@ -32,3 +32,25 @@ def test_a_macro_nothing_reads_is_refused_in_one_line(binding, instead, tmp_path
   assert len(err) == 1 and f"--gin.{name} is set, but no setting reads %{name}" in err[0], err
   assert instead in err[0]
   assert not run.exists()
+
+
+def test_prompt_tuning_task_names_with_version_suffixes_resolve():
+  from softprompt_jax.data import get_task
+  assert get_task("taskless_glue_sst2_v200_examples").name == "taskless_glue_sst2"
+  assert get_task("glue_rte_v002").name == "glue_rte"
+
+
+def test_gin_search_paths_are_looked_in_first(tmp_path, capsys, no_expensive_work):
+  mine = tmp_path / "my configs"
+  (mine / "runs").mkdir(parents=True)
+  # A file named like a shipped one: the search path's copy wins, and its setting is refused
+  # here (a bad value), which shows it was the one read.
+  (mine / "runs" / "smoke.gin").write_text("include 'models/tiny.gin'\n"
+                                           "include 'runs/prompt_finetune.gin'\n"
+                                           "TASK = 'taskless_synthetic_sentiment'\n"
+                                           "train.num_steps = -5\n")
+  capsys.readouterr()
+  status = main(["train", "--gin_search_paths", f"{tmp_path / 'elsewhere'},{mine}",
+                 *SMOKE, "--model_dir", str(tmp_path / "run")])
+  err = capsys.readouterr().err
+  assert status == 2 and "train.num_steps=-5" in err, err

@@ -221,12 +221,13 @@ def list_tasks(prefix: str = "") -> list[str]:
 
 
 def get_task(name: str | Task) -> Task:
-  """The registered task `name`; T5's version suffixes (`glue_sst2_v002`) are accepted."""
+  """The registered task `name`; T5's version suffixes (`glue_sst2_v002`) and prompt-tuning's
+  (`taskless_glue_sst2_v200_examples`: the same data at a TFDS version) are accepted."""
   if isinstance(name, Task):
     return name
   if name in _REGISTRY:
     return _REGISTRY[name]
-  unversioned = re.sub(r"_v\d{3}$", "", name)
+  unversioned = re.sub(r"_v\d{3}(_examples)?$", "", name)
   if unversioned in _REGISTRY:
     return _REGISTRY[unversioned]
   close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.6)
