@@ -55,40 +55,14 @@ class Interrupted(BaseException):
     return 128 + self.signal_number
 
 
-class SignalsAsExceptions:
-  """A context in which SIGTERM and SIGINT raise `Interrupted`, so the command's cleanup runs
-  and it ends with one line (a train loop's `StopSignals` takes over inside it)."""
+class _SignalHandlers:
+  """A context that routes SIGTERM and SIGINT to `self._handle` and restores the previous
+  handlers on exit (handlers can only be set from the main thread: elsewhere it does nothing)."""
 
   def __init__(self):
     self._previous = {}
 
-  def __enter__(self) -> "SignalsAsExceptions":
-    if threading.current_thread() is threading.main_thread():
-      for number in SIGNALS:
-        self._previous[number] = signal.signal(number, self._raise)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for number, handler in self._previous.items():
-      signal.signal(number, handler if handler is not None else signal.SIG_DFL)
-    self._previous.clear()
-
-  @staticmethod
-  def _raise(number, frame) -> None:
-    raise Interrupted(number)
-
-
-class StopSignals:
-  """A context in which SIGTERM / SIGINT request a stop instead of ending the process."""
-
-  def __init__(self):
-    self.signal_number: Optional[int] = None  # of the first signal received, here
-    self._agreed: Optional[int] = None  # the signal every process stops for
-    self._previous = {}
-    self._pending = None  # the device max dispatched after the previous step
-    self._combine = self._sharding = None
-
-  def __enter__(self) -> "StopSignals":
+  def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
       for number in SIGNALS:
         self._previous[number] = signal.signal(number, self._handle)
@@ -98,6 +72,28 @@ class StopSignals:
     for number, handler in self._previous.items():
       signal.signal(number, handler if handler is not None else signal.SIG_DFL)
     self._previous.clear()
+
+  def _handle(self, number, frame) -> None:
+    raise NotImplementedError
+
+
+class SignalsAsExceptions(_SignalHandlers):
+  """A context in which SIGTERM and SIGINT raise `Interrupted`, so the command's cleanup runs
+  and it ends with one line (a train loop's `StopSignals` takes over inside it)."""
+
+  def _handle(self, number, frame) -> None:
+    raise Interrupted(number)
+
+
+class StopSignals(_SignalHandlers):
+  """A context in which SIGTERM / SIGINT request a stop instead of ending the process."""
+
+  def __init__(self):
+    super().__init__()
+    self.signal_number: Optional[int] = None  # of the first signal received, here
+    self._agreed: Optional[int] = None  # the signal every process stops for
+    self._pending = None  # the device max dispatched after the previous step
+    self._combine = self._sharding = None
 
   def _handle(self, number, frame) -> None:
     if self.signal_number is None:

@@ -261,21 +261,6 @@ def _raise_enospc(fd):
   raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def _forbidden(what):
-  def call(*args, **kwargs):
-    raise AssertionError(f"{what} was called: the model was loaded before the error")
-  return call
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-  for target in ("softprompt_jax.inference.load_frozen", "softprompt_jax.model_spec.load_frozen",
-                 "softprompt_jax.checkpoints.loading.load_t5",
-                 "softprompt_jax.checkpoints.loading.read_params",
-                 "softprompt_jax.inference.make_prompted_params"):
-    monkeypatch.setattr(target, _forbidden(target))
-
-
 @pytest.mark.parametrize("line, words", [
     ({"task": TASK, "inputs": 7}, ["field 'inputs' must be a string, got int"]),
     ({"task": TASK, "inputs": ["a", "b"]}, ["field 'inputs' must be a string, got list"]),
@@ -287,8 +272,8 @@ def no_model(monkeypatch):
     ({"task": TASK, "record": "text"}, ["field 'record' must be an object, got string"]),
     ({"task": TASK, "record": {"text": 5}}, ["field 'record'", "'text'", "int"]),
 ])
-def test_infer_checks_every_request_before_loading_the_model(tmp_path, bank, no_model, capsys,
-                                                             line, words):
+def test_infer_checks_every_request_before_loading_the_model(tmp_path, bank, no_expensive_work,
+                                                             capsys, line, words):
   requests = tmp_path / "in.jsonl"
   good = json.dumps({"task": TASK, "inputs": "fine"})
   requests.write_text(f"{good}\n{good}\n{json.dumps(line)}\n{good}\n")
@@ -301,9 +286,8 @@ def test_infer_checks_every_request_before_loading_the_model(tmp_path, bank, no_
   assert not out.exists()
 
 
-def test_infer_into_a_directory_is_one_line_before_loading_the_model(tmp_path, bank,
-                                                                     requests_file, no_model,
-                                                                     capsys):
+def test_infer_into_a_directory_is_one_line_before_loading_the_model(
+    tmp_path, bank, requests_file, no_expensive_work, capsys):
   assert _infer(bank, requests_file, tmp_path) == 2
   assert f"{tmp_path} is a directory" in _one_error_line(capsys, "infer")
 
