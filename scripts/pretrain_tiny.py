@@ -10,7 +10,9 @@ through their instruction, which leaves the taskless versions as headroom for a 
 Everything (data, data order, init) follows from --seed. The output directory gets the
 checkpoint as save_hf_t5 writes it (config.json + model.safetensors, which load_t5 reads) and
 manifest.json: config, seed, command, training time, per-task validation accuracies with and
-without the instruction, and the sha256 of every file.
+without the instruction, and the sha256 of every file. Progress (a bar on a terminal, plain lines
+elsewhere), the loss every --log_every steps and the evaluations during training go to stderr;
+the setup, the final evaluation and what was written, to stdout.
 
   nice python scripts/pretrain_tiny.py --seed 0   # the defaults made the shipped checkpoint
 """
@@ -31,7 +33,7 @@ import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from softprompt_jax import optim, train_step
+from softprompt_jax import optim, progress, train_step
 from softprompt_jax.checkpoints.hf_writer import save_hf_t5
 from softprompt_jax.checkpoints.integrity import sha256
 from softprompt_jax.data import pipeline, synthetic
@@ -196,6 +198,32 @@ def make_optimizer(params, args) -> optax.GradientTransformation:
   return optim.masked_optimizer(base, optim.param_labels(params, optim.MODEL_TUNING))
 
 
+def train_steps(step_fn, state, *, steps: int, log_every: int, eval_every: int, evaluate_fn,
+                stream=None, clock=time.perf_counter):
+  """(state, loss history) after `steps` calls of `step_fn(state, step) -> (state, metrics)`,
+  with a progress bar: the mean loss every `log_every` steps, and the text `evaluate_fn(state,
+  step)` returns every `eval_every` steps (0: never) before the last."""
+  history, losses = [], []
+  start = window_start = clock()
+  note = ""
+  with progress.Progress("pretrain", steps, unit="steps", stream=stream, clock=clock) as shown:
+    for step in range(1, steps + 1):
+      state, metrics = step_fn(state, step)
+      losses.append(metrics["loss"])
+      if step % log_every == 0 or step == steps:
+        loss = float(np.mean(jax.device_get(losses)))
+        seconds = (clock() - window_start) / len(losses)
+        shown.message(f"step {step}: loss {loss:.4f}  {seconds:.3f} s/step  "
+                      f"elapsed {clock() - start:.0f} s")
+        history.append({"step": step, "loss": round(loss, 5)})
+        window_start, losses, note = clock(), [], f"loss {loss:.4f}"
+      shown.update(step, note)
+      if eval_every and step % eval_every == 0 and step < steps:
+        shown.message(evaluate_fn(state, step))
+        window_start = clock()
+  return state, history
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   start = time.time()
@@ -230,26 +258,19 @@ def main(argv=None) -> None:
   train, _ = train_step.jit_steps(model, optimizer)
   rng = jax.random.PRNGKey(args.seed + 1)
   eval_kwargs = dict(input_length=input_length, target_length=target_length)
-  history = []
-  window_start, losses = time.time(), []
-  for step in range(1, args.steps + 1):
+
+  def step_fn(state, step):
     batch = next(streams[choose.choice(len(streams), p=weights)]).arrays
     batch.pop("prompt_ids", None)  # a mixture's per-task prompt ids: a plain T5 takes none
-    state, metrics = train(state, frozen, batch, rng)
-    losses.append(metrics["loss"])
-    if step % args.log_every == 0 or step == args.steps:
-      loss = float(np.mean(jax.device_get(losses)))
-      seconds = (time.time() - window_start) / len(losses)
-      print(f"step {step}: loss {loss:.4f}  {seconds:.3f} s/step  "
-            f"elapsed {time.time() - start:.0f} s", flush=True)
-      history.append({"step": step, "loss": round(loss, 5)})
-      window_start, losses = time.time(), []
-    if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-      results = evaluate(model, optim.merge(state.trainable, frozen),
-                         max_examples=args.eval_examples, **eval_kwargs)
-      print(f"eval at step {step} (first {args.eval_examples} per task):\n"
-            f"{format_scores(results)}", flush=True)
-      window_start = time.time()
+    return train(state, frozen, batch, rng)
+
+  def report(state, step):
+    results = evaluate(model, optim.merge(state.trainable, frozen),
+                       max_examples=args.eval_examples, **eval_kwargs)
+    return f"eval at step {step} (first {args.eval_examples} per task):\n{format_scores(results)}"
+
+  state, history = train_steps(step_fn, state, steps=args.steps, log_every=args.log_every,
+                               eval_every=args.eval_every, evaluate_fn=report)
   train_seconds = time.time() - start
   for stream in streams:
     if stream.stats.num_truncated_inputs or stream.stats.num_truncated_targets:

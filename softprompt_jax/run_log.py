@@ -5,7 +5,8 @@ JSON object a line, flushed as written and appended to across restarts; that fil
 the other functions here read back. A restart writes a start marker (`{"event": "start", "step":
 s, ...}`), and `read_metrics` drops what the crashed run logged past step s, since the resumed run
 logs those steps again. TensorBoard gets the same scalars, one subdirectory per split, so train
-and validation curves of the same tag overlay.
+and validation curves of the same tag overlay; train scalars under t5x's names (`loss`,
+`learning_rate`, `timing/steps_per_second`, ... see T5X_TAGS), so its runs and ours compare.
 
 Every file here is written in the caller's thread, and an OSError names the file (a write() on a
 full disk names none), so a full or read-only disk stops the run with one line. The run's whole
@@ -33,7 +34,12 @@ from softprompt_jax.tensorboard_events import EventFile
 
 TRAIN = "train"
 # Keys a record sets itself; a metric of the same name would silently overwrite one of them.
-RECORD_FIELDS = frozenset({"step", "split", "time", "event", "steps_per_s", "tokens_per_s"})
+RECORD_FIELDS = frozenset({"step", "split", "time", "event", "steps_per_s", "seqs_per_s",
+                           "tokens_per_s"})
+# TensorBoard tags of train scalars whose JSONL key t5x names otherwise (sequences are examples;
+# our tokens count inputs and targets, t5x's `timing/target_tokens_per_second` targets only).
+T5X_TAGS = {"steps_per_s": "timing/steps_per_second", "seqs_per_s": "timing/seqs_per_second",
+            "tokens_per_s": "timing/tokens_per_second", "cross_entropy": "cross_ent_loss"}
 
 
 def _scalar(name: str, value) -> int | float:
@@ -62,22 +68,30 @@ class RunLog:
   """Progress line, JSONL records and TensorBoard scalars of one training run.
 
   `enabled=False` (non-primary hosts) turns every method into a no-op that touches no file and
-  writes nothing to `stream`. On a TTY the progress line is redrawn in place (at most every
-  `update_every_s`, default 0.2 s); elsewhere (log files, CI) it is printed as a plain line at
-  most every `update_every_s` (default 30 s), plus on the first and the final step.
+  writes nothing to `stream`. On a terminal the progress line is a rich bar redrawn in place (at
+  most every `update_every_s`, default 0.2 s; progress.StatusLine); elsewhere (log files, CI) it
+  is printed as a plain line at most every `update_every_s` (default 30 s), plus on the first and
+  the final step.
 
-  Throughput (steps/s, tokens/s) is measured between the last `window` `log_train` calls. The
-  first call after start/resume only anchors the measurement, so the compilation of the first
-  step is never counted; `log_eval` re-anchors it, so time spent evaluating is not counted either.
-  Until there is a measurement the rates are None (`null` in JSON); after a re-anchor the last
-  measurement is carried over.
+  Throughput (steps/s, sequences/s = `batch_size` x steps/s, tokens/s) is measured between the
+  last `window` `log_train` calls. The first call after start/resume only anchors the
+  measurement, so the compilation of the first step is never counted; `log_eval` re-anchors it,
+  so time spent evaluating is not counted either. Until there is a measurement the rates are None
+  (`null` in JSON); after a re-anchor the last measurement is carried over.
+
+  `learning_rate` (a number, or an optax schedule of the update count) is logged with each train
+  point as t5x does, unless the step's metrics hold one: at step s, the rate its last update used
+  (a schedule's value at s - 1, as optax counts updates from 0).
   """
 
   def __init__(self, run_dir, total_steps: int, *, start_step: int = 0, enabled: bool = True,
                tensorboard: bool = True, stream: Optional[TextIO] = None,
                clock: Callable[[], float] = time.perf_counter, window: int = 20,
-               update_every_s: float | None = None, tty: bool | None = None):
+               update_every_s: float | None = None, tty: bool | None = None,
+               batch_size: int | None = None,
+               learning_rate: float | Callable[[int], float] | None = None):
     self.enabled = enabled
+    self.batch_size, self.learning_rate = batch_size, learning_rate
     self.run_dir = Path(run_dir)
     self.total_steps = int(total_steps)
     self.start_step = int(start_step)
@@ -125,18 +139,22 @@ class RunLog:
       return
     step = int(step)
     metrics = _metrics(metrics)
+    if self.learning_rate is not None and "learning_rate" not in metrics:
+      rate = self.learning_rate(step - 1) if callable(self.learning_rate) else self.learning_rate
+      metrics["learning_rate"] = _scalar("learning_rate", rate)
     now = self._clock()
     self._tokens += int(num_tokens)
     self._samples.append((now, step, self._tokens))
     self._rates = self._measure() or self._rates
     steps_per_s, tokens_per_s = self._rates
-    self._append({"step": step, "split": TRAIN, **metrics, "steps_per_s": steps_per_s,
-                  "tokens_per_s": tokens_per_s, "time": time.time()})
+    seqs_per_s = (steps_per_s * self.batch_size
+                  if steps_per_s is not None and self.batch_size is not None else None)
+    rates = {"steps_per_s": steps_per_s, "seqs_per_s": seqs_per_s, "tokens_per_s": tokens_per_s}
+    self._append({"step": step, "split": TRAIN, **metrics, **rates, "time": time.time()})
     writer = self._writer(TRAIN)
     if writer is not None:
-      rates = {} if steps_per_s is None else {"steps_per_s": steps_per_s,
-                                               "tokens_per_s": tokens_per_s}
-      writer.add_scalars({**metrics, **rates}, step)
+      scalars = {**metrics, **{k: v for k, v in rates.items() if v is not None}}
+      writer.add_scalars({T5X_TAGS.get(k, k): v for k, v in scalars.items()}, step)
     self._show_progress(step, metrics, now)
 
   def log_eval(self, step: int, metrics: dict[str, float], split: str = "validation") -> None:
@@ -158,7 +176,7 @@ class RunLog:
     self._samples.clear()
 
   def message(self, text: str) -> None:
-    """A line on the stream; on a TTY the progress line is redrawn below it."""
+    """A line on the stream; on a terminal above the progress line."""
     if not self.enabled:
       return
     self._status.print(text)
@@ -231,7 +249,8 @@ class RunLog:
 
   def _show_progress(self, step: int, metrics: dict, now: float) -> None:
     if self._status.due(now) or step >= self.total_steps:  # the final step always shows
-      self._status.show(self._progress_line(step, metrics), now)
+      self._status.show(self._progress_line(step, metrics), now,
+                        fraction=step / self.total_steps if self.total_steps else 1.0)
 
 
 def _last_byte(path: Path) -> bytes:

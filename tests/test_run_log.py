@@ -1,4 +1,5 @@
-"""RunLog's JSONL/TensorBoard/progress output, and reading it back: curves, best eval, summary."""
+"""RunLog's JSONL/TensorBoard/progress output, and reading it back: curves, best eval, summary.
+(Its progress line on a terminal: test_progress.)"""
 
 import io
 import json
@@ -62,18 +63,23 @@ def _train(log, steps, clock, seconds_per_step=0.5, tokens_per_step=1000, loss=l
 
 def test_jsonl_records_train_and_eval_and_resume_appends(tmp_path):
   clock = FakeClock()
-  with RunLog(tmp_path, 10, stream=io.StringIO(), clock=clock, tensorboard=False) as log:
+  with RunLog(tmp_path, 10, stream=io.StringIO(), clock=clock, tensorboard=False,
+              batch_size=8, learning_rate=0.3) as log:
     _train(log, range(1, 5), clock)
     log.log_eval(4, {"accuracy": 0.5})
   first = _lines(tmp_path)
   assert first[0]["event"] == "start" and first[0]["step"] == 0
   train = [r for r in first if r.get("split") == "train"]
   assert [r["step"] for r in train] == [1, 2, 3, 4]
-  assert train[0]["steps_per_s"] is None  # the first step only anchors the measurement
+  # The first step only anchors the measurement.
+  assert train[0]["steps_per_s"] is None and train[0]["seqs_per_s"] is None
   assert train[-1]["loss"] == pytest.approx(0.25)
   assert train[-1]["steps_per_s"] == pytest.approx(2.0)
+  assert train[-1]["seqs_per_s"] == pytest.approx(16.0)  # 8 sequences a step
   assert train[-1]["tokens_per_s"] == pytest.approx(2000.0)
-  assert set(train[-1]) == {"step", "split", "loss", "steps_per_s", "tokens_per_s", "time"}
+  assert [r["learning_rate"] for r in train] == [0.3] * 4
+  assert set(train[-1]) == {"step", "split", "loss", "learning_rate", "steps_per_s",
+                            "seqs_per_s", "tokens_per_s", "time"}
   assert first[-1] == {"step": 4, "split": "validation", "accuracy": 0.5,
                        "time": first[-1]["time"]}
 
@@ -119,46 +125,50 @@ def test_truncated_last_line_is_skipped_and_the_next_run_starts_a_fresh_line(tmp
     assert read_metrics(tmp_path)[-1]["step"] == 5
 
 
-def test_tensorboard_event_files_hold_the_scalars(tmp_path):
+def test_tensorboard_event_files_hold_the_scalars_under_t5x_names(tmp_path):
   clock = FakeClock()
-  with RunLog(tmp_path, 10, stream=io.StringIO(), clock=clock) as log:
+  with RunLog(tmp_path, 10, stream=io.StringIO(), clock=clock, batch_size=32,
+              learning_rate=0.3) as log:
     _train(log, range(1, 4), clock)
     log.log_eval(3, {"accuracy": 0.75, "loss": 0.9})
     log.log_eval(3, {"accuracy": 0.5}, split="test")
   train = _events(tmp_path / "tensorboard" / "train")
+  assert {tag for tag, _, _ in train} == {
+      "loss", "learning_rate", "timing/steps_per_second", "timing/seqs_per_second",
+      "timing/tokens_per_second"}
   assert [(s, v) for tag, s, v in train if tag == "loss"] == [
       (1, pytest.approx(1.0)), (2, pytest.approx(0.5)), (3, pytest.approx(1 / 3))]
-  assert [(s, v) for tag, s, v in train if tag == "steps_per_s"] == [
+  assert [(s, v) for tag, s, v in train if tag == "learning_rate"] == [
+      (1, pytest.approx(0.3)), (2, pytest.approx(0.3)), (3, pytest.approx(0.3))]
+  # Rates from the second point on: the first only anchors the measurement.
+  assert [(s, v) for tag, s, v in train if tag == "timing/steps_per_second"] == [
       (2, pytest.approx(2.0)), (3, pytest.approx(2.0))]
-  assert [(s, v) for tag, s, v in train if tag == "tokens_per_s"] == [
+  assert [(s, v) for tag, s, v in train if tag == "timing/seqs_per_second"] == [
+      (2, pytest.approx(32 * 2.0)), (3, pytest.approx(32 * 2.0))]  # batch x steps/s
+  assert [(s, v) for tag, s, v in train if tag == "timing/tokens_per_second"] == [
       (2, pytest.approx(2000.0)), (3, pytest.approx(2000.0))]
   validation = _events(tmp_path / "tensorboard" / "validation")
   assert sorted(validation) == [("accuracy", 3, 0.75), ("loss", 3, pytest.approx(0.9))]
   assert _events(tmp_path / "tensorboard" / "test") == [("accuracy", 3, 0.5)]
 
 
-def test_progress_line_on_a_tty_shows_rates_and_eta_without_the_compile_step(tmp_path):
-  clock, stream = FakeClock(), TtyStream()
-  log = RunLog(tmp_path, 1000, stream=stream, clock=clock, tensorboard=False, update_every_s=0)
-  clock.now += 60.0  # the first step compiles; counting it would give ~0.05 steps/s
-  log.log_train(1, {"loss": 2.5}, 512)
-  first = stream.getvalue()
-  assert first.startswith("\r") and "-- steps/s" in first and "ETA --" in first
-  _train(log, range(2, 101), clock, seconds_per_step=0.25, tokens_per_step=512,
-         loss=lambda s: 0.125)
-  bar = stream.getvalue().rsplit("\r", 1)[-1]
-  assert "\n" not in stream.getvalue()  # redrawn in place
-  assert re.search(r"step 100/1000 \(10%\)", bar)
-  assert "| 4 steps/s |" in bar  # window of 20 calls, 0.25 s per step
-  assert "| 2.05k tokens/s |" in bar
-  assert "ETA 3m45s" in bar  # 900 steps at 4 steps/s
-  assert bar.endswith("loss 0.125\x1b[K")  # what a longer line left is erased
-
-  log.message("hello")
-  out = stream.getvalue()
-  assert out.endswith("hello\n" + bar)  # printed above, progress line redrawn
-  log.close()
-  assert stream.getvalue().endswith(bar + "\n")
+def test_learning_rate_follows_a_schedule_and_the_step_s_own_wins(tmp_path):
+  clock = FakeClock()
+  # optax counts updates from 0: step s is update s - 1's result.
+  with RunLog(tmp_path, 10, stream=io.StringIO(), clock=clock,
+              learning_rate=lambda count: 0.1 * (count + 1)) as log:
+    _train(log, range(1, 4), clock)
+    log.log_train(4, {"loss": 1.0, "learning_rate": 0.5, "cross_entropy": 0.9,
+                      "accuracy": 0.25}, 100)
+  train = _events(tmp_path / "tensorboard" / "train")
+  assert [(s, v) for tag, s, v in train if tag == "learning_rate"] == [
+      (1, pytest.approx(0.1)), (2, pytest.approx(0.2)), (3, pytest.approx(0.3)),
+      (4, pytest.approx(0.5))]
+  # t5x's names: cross_ent_loss; accuracy as it is; no seqs/s without a batch size.
+  at_4 = {tag: v for tag, s, v in train if s == 4}
+  assert at_4["cross_ent_loss"] == pytest.approx(0.9) and at_4["accuracy"] == 0.25
+  assert not {tag for tag, _, _ in train} & {"cross_entropy", "timing/seqs_per_second"}
+  assert read_metrics(tmp_path)[-1]["cross_entropy"] == pytest.approx(0.9)  # JSONL: our names
 
 
 def test_progress_lines_elsewhere_are_periodic_and_eval_time_is_not_throughput(tmp_path):
