@@ -8,6 +8,7 @@ like t5x's.
 from __future__ import annotations
 
 import importlib.resources
+import inspect
 import logging
 import pathlib
 import re
@@ -16,7 +17,7 @@ from typing import Sequence
 
 import gin
 
-from softprompt_jax import inference, model_spec, optim, prompts, training_loop
+from softprompt_jax import inference, model_spec, optim, prompts, t5x_compat, training_loop
 from softprompt_jax.errors import ConfigError
 
 _REGISTERED: dict = {}
@@ -45,6 +46,7 @@ def register() -> dict:
   for fn, name, module, _ in _entries():
     key = f"{module}.{name}" if module else name
     _REGISTERED[key] = gin.external_configurable(fn, name=name, module=module)
+  t5x_compat.register()
   return _REGISTERED
 
 
@@ -70,6 +72,11 @@ def config_search_paths() -> list[pathlib.Path]:
   return paths
 
 
+# Set before any file, so whichever file sets them wins wherever it stands among the --gin_file
+# flags (prompt-tuning's documented order puts the prompts file before the runs file).
+DEFAULT_BINDINGS = ["train.prompt_init = @prompts.class_labels"]
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str | None,
           search_paths: Sequence[str] = ()) -> None:
   """Files in order, then bindings (as t5x: later wins); MODEL_DIR from --model_dir.
@@ -92,34 +99,26 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], model_dir: str | No
   level = root.level
   root.setLevel(logging.CRITICAL)
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), macro + list(bindings),
-                                        finalize_config=False)
-    gin.finalize()
+    gin.parse_config(DEFAULT_BINDINGS)
+    gin.parse_config_files_and_bindings(list(gin_files), [], finalize_config=False)
+    read_by_files = _macros_read()
+    gin.parse_config_files_and_bindings([], macro + list(bindings), finalize_config=False)
   except Exception as e:  # gin raises many types; here each one means a configuration error
     raise ConfigError(f"gin configuration: {describe_error(e)}") from None
   finally:
     root.setLevel(level)
-  _check_macros_used(bindings)
+  parameters = {key: set(inspect.signature(fn).parameters)
+                for key, (fn, _) in parameter_rules().items()}
+  honoured = t5x_compat.translate(parameters)  # t5x names rebound under ours, or refused
+  try:
+    gin.finalize()
+  except Exception as e:
+    raise ConfigError(f"gin configuration: {describe_error(e)}") from None
+  _check_macros_used(bindings, honoured, read_by_files)
 
 
-# t5x / prompt-tuning macro names with no meaning of their own here, and what to set instead.
-T5X_MACROS = {
-    "TRAIN_STEPS": "train.num_steps (the steps of this run; t5x's TRAIN_STEPS also counts the "
-                   "pretrained checkpoint's steps)",
-    "TASK_FEATURE_LENGTHS": "train.input_length and train.target_length",
-    "MIXTURE_OR_TASK_NAME": "TASK",
-    "INITIAL_CHECKPOINT_PATH": "CHECKPOINT_PATH (in a models/*.gin file)",
-    "EVAL_PERIOD": "train.eval_every",
-}
-
-
-def _check_macros_used(bindings: Sequence[str]) -> None:
-  """A macro set on the command line that no setting reads would be silently ignored (t5x users
-  pass --gin.TRAIN_STEPS=…): refuse it, naming it and what to set instead."""
-  given = [m.group(1) for b in bindings
-           if (m := re.match(r"\s*([A-Za-z_]\w*)\s*=", b))]  # NAME = …, no dot: a macro
-  if not given:
-    return
+def _macros_read() -> set[str]:
+  """The macros some binding refers to."""
   used = set()
 
   def collect(value) -> None:
@@ -135,13 +134,30 @@ def _check_macros_used(bindings: Sequence[str]) -> None:
   for parameters in gin.config._CONFIG.values():  # gin keeps no public list of its bindings
     for value in parameters.values():
       collect(value)
-  for name in given:
-    if name not in used:
-      instead = T5X_MACROS.get(name)
-      hint = (f"; set {instead} instead" if instead else
-              f"; macros these gin files read: {', '.join(sorted(used)) or 'none'}")
-      raise ConfigError(f"--gin.{name} is set, but no setting reads %{name}, so it would be "
-                        f"ignored{hint}")
+  return used
+
+
+def _check_macros_used(bindings: Sequence[str], honoured: set[str],
+                       read_by_files: set[str]) -> None:
+  """A macro that no setting reads would be silently ignored (a typo, or a t5x name with no
+  meaning here): refuse it, naming it and the macros that are read. One set on the command line
+  must be read by the final config; one set in a gin file may also be one the files read before
+  a binding replaced its reader (`--gin.train.batch_size=4` leaves BATCH_SIZE unread: fine).
+  `honoured`: t5x names rebound under ours. MODEL_DIR comes from --model_dir for every command."""
+  on_command_line = {m.group(1) for b in bindings
+                     if (m := re.match(r"\s*([A-Za-z_]\w*)\s*=", b))}  # NAME = …: a macro
+  defined = {scope for (scope, selector) in gin.config._CONFIG if selector == "gin.macro"}
+  used = _macros_read()
+  for name in sorted(defined - used - honoured - {"MODEL_DIR"}):
+    if name in on_command_line:
+      where = f"--gin.{name} is set"
+    elif name in read_by_files:
+      continue
+    else:
+      where = f"macro {name} is set in a gin file"
+    read = ", ".join(sorted(used - {"MODEL_DIR"})) or "none"
+    raise ConfigError(f"{where}, but no setting reads %{name}, so it would be ignored; macros "
+                      f"these gin files read: {read} (t5x's names: see the README's table)")
 
 
 def describe_error(error: BaseException) -> str:

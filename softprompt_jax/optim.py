@@ -10,7 +10,8 @@ for a frozen weight.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+import weakref
+from typing import Callable, Sequence
 
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -68,6 +69,25 @@ ADAFACTOR_RULES = {
 }
 
 
+# The learning rate of each optimizer made here, by its update function: optax keeps the rate
+# inside the transformation, where the run's log (t5x logs `learning_rate`) cannot read it.
+_LEARNING_RATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def learning_rate_of(optimizer) -> float | Callable | None:
+  """The learning rate (a number or an optax schedule of the update count) `optimizer` was
+  made with by adafactor, adam or masked_optimizer; None for one made elsewhere."""
+  update = getattr(optimizer, "update", None)
+  return _LEARNING_RATES.get(update) if callable(update) else None
+
+
+def _with_learning_rate(optimizer: optax.GradientTransformation,
+                        learning_rate) -> optax.GradientTransformation:
+  if learning_rate is not None:
+    _LEARNING_RATES[optimizer.update] = learning_rate
+  return optimizer
+
+
 def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
               weight_decay_rate: float | None = 1e-5, clipping_threshold: float | None = 1.0,
               multiply_by_parameter_scale: bool = False,
@@ -78,11 +98,10 @@ def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
   scaled by the learning rate.
   """
   cc.check("optim.adafactor", locals(), ADAFACTOR_RULES)
-  return optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
-                         weight_decay_rate=weight_decay_rate,
-                         clipping_threshold=clipping_threshold,
-                         multiply_by_parameter_scale=multiply_by_parameter_scale,
-                         momentum=momentum)
+  return _with_learning_rate(optax.adafactor(
+      learning_rate=learning_rate, decay_rate=decay_rate, weight_decay_rate=weight_decay_rate,
+      clipping_threshold=clipping_threshold,
+      multiply_by_parameter_scale=multiply_by_parameter_scale, momentum=momentum), learning_rate)
 
 
 ADAM_RULES = {
@@ -97,11 +116,13 @@ def adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: f
   """Adam (AdamW when weight_decay > 0)."""
   cc.check("optim.adam", locals(), ADAM_RULES)
   if weight_decay:
-    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-  return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+    return _with_learning_rate(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
+                                           weight_decay=weight_decay), learning_rate)
+  return _with_learning_rate(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), learning_rate)
 
 
 def masked_optimizer(base: optax.GradientTransformation,
                      labels: dict) -> optax.GradientTransformation:
   """`base` for trainable leaves, `set_to_zero` (stateless) for frozen ones."""
-  return optax.multi_transform({TRAINABLE: base, FROZEN: optax.set_to_zero()}, labels)
+  return _with_learning_rate(optax.multi_transform({TRAINABLE: base, FROZEN: optax.set_to_zero()},
+                                                   labels), learning_rate_of(base))

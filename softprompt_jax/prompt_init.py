@@ -35,7 +35,7 @@ INITIALIZER_RULES = {
     "random_uniform": {"scale": cc.number(0, low_open=True)},
     "sampled_vocab": {"num_tokens": NUM_TOKENS},
     "class_labels": {"labels": cc.anything(), "vocabulary": cc.anything(),
-                     "num_tokens": NUM_TOKENS},
+                     "num_tokens": NUM_TOKENS, "label_order": cc.anything()},
     "from_text": {"text": cc.text(), "vocabulary": cc.anything(), "num_tokens": NUM_TOKENS},
 }
 
@@ -89,13 +89,20 @@ def _embed_sequences(embedding_VxH, token_id_lists):
   return jnp.stack(rows).astype(jnp.float32)
 
 
-def class_labels(labels: Sequence[str], vocabulary, num_tokens: int = 5000) -> PromptInit:
+def class_labels(labels: Sequence[str], vocabulary, num_tokens: int = 5000,
+                 label_order: Optional[Sequence[str]] = None) -> PromptInit:
   """First slots: each label's (verbalizer's) sub-token embeddings averaged; rest sampled.
 
   The paper's best initialization. A prompt shorter than the label set is an error rather than
-  a silent truncation of labels.
+  a silent truncation of labels. `label_order` (prompt-tuning's CLASS_LABELS): the task's labels
+  in the order their slots take, first slot first.
   """
   cc.check("prompts.class_labels", locals(), INITIALIZER_RULES["class_labels"])
+  if label_order is not None:
+    if sorted(label_order) != sorted(labels):
+      raise ValueError(f"prompts.class_labels.label_order {list(label_order)} must hold the "
+                       f"task's labels {list(labels)}, each once, in any order")
+    labels = list(label_order)
   label_ids = [vocabulary.encode(label) for label in labels]
   empty = [label for label, ids in zip(labels, label_ids) if not ids]
   if empty:

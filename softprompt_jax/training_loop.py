@@ -143,7 +143,8 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   last_eval = (resumed_meta or {}).get("metrics")  # the summary's, if no step is left to run
   model_dir.mkdir(parents=True, exist_ok=True)
 
-  log = RunLog(model_dir, num_steps, start_step=start_step, enabled=primary, batch_size=batch_size)
+  log = RunLog(model_dir, num_steps, start_step=start_step, enabled=primary,
+               batch_size=batch_size, learning_rate=optim.learning_rate_of(optimizer))
   for note in notes:
     log.message(note)
   rng = jax.random.PRNGKey(seed)

@@ -1,12 +1,11 @@
 """Issue 13, points 5, 7, 8: every split a run uses is checked before its first step (and the
 run directory is left as it was found); duplicate JSON keys and header columns are bad data,
 not silent choices; evaluation counts its truncated examples; evaluation and inference show
-their progress on stderr (and RunLog's progress line redraws on a real terminal)."""
+their progress on stderr (the terminal drawing is tested in test_progress.py)."""
 
 import io
 import json
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import pytest
 from softprompt_jax import evaluation, inference, progress, run_setup
 from softprompt_jax.cli import main
 from softprompt_jax.data import DataError, RecordError, cache, check_splits, get_batches, pipeline
-from softprompt_jax.run_log import RunLog
 from softprompt_jax.tokenizers import ByteVocabulary
 
 VOCAB = ByteVocabulary()
@@ -211,26 +209,6 @@ def test_train_with_bad_eval_data_fails_before_loading_and_leaves_the_directory(
 
 # --- Point 8: progress ------------------------------------------------------------------------
 
-def test_progress_on_a_terminal_is_one_line_redrawn_with_rate_and_eta():
-  clock, stream = FakeClock(), TtyStream()
-  shown = progress.Progress("infer", 1000, stream=stream, clock=clock, enabled=True)
-  clock.now += 30.0  # the first batch compiles: not counted in the rate
-  shown.update(100)
-  assert stream.getvalue().startswith("\rinfer: 100/1000 examples (10%) | -- examples/s")
-  clock.now += 0.5
-  shown.update(150)  # within a second of the last line: not drawn
-  assert stream.getvalue().count("\r") == 1
-  clock.now += 0.5
-  shown.update(200)  # 100 examples in 1 s since the first batch: 800 left, 8 s
-  line = stream.getvalue().rsplit("\r", 1)[-1]
-  assert line == "infer: 200/1000 examples (20%) | 100 examples/s | ETA 8s\x1b[K"
-  clock.now += 8.0
-  shown.update(1000)  # done: a final line with the elapsed time, then a newline
-  out = stream.getvalue()
-  assert out.endswith("\rinfer: 1000/1000 examples (100%) | 100 examples/s | in 39s\x1b[K\n")
-  assert out.count("\n") == 1
-
-
 def test_progress_elsewhere_is_plain_throttled_lines_and_nothing_for_a_short_pass():
   clock, stream = FakeClock(), io.StringIO()
   with progress.Progress("eval validation", 100, stream=stream, clock=clock,
@@ -278,11 +256,3 @@ def test_eval_and_infer_show_progress_on_stderr_never_stdout(tmp_path, monkeypat
   assert re.findall(r"^infer: (\d)/5 examples", err, re.M) == ["2", "4", "5"]
 
 
-def test_run_log_redraws_in_place_when_stderr_is_a_terminal(tmp_path, monkeypatch):
-  stream = TtyStream()
-  monkeypatch.setattr(sys, "stderr", stream)  # the default stream, no `stream=` given
-  log = RunLog(tmp_path, 100, tensorboard=False, update_every_s=0)
-  log.log_train(1, {"loss": 2.0}, 10)
-  log.log_train(2, {"loss": 1.0}, 10)
-  assert stream.getvalue().startswith("\rstep 1/100") and "\n" not in stream.getvalue()
-  log.close()

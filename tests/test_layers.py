@@ -19,7 +19,8 @@ LAYERS = [
                               "pretrained"]),
     ("the run", ["run_setup", "evaluation", "training_loop", "run_dir", "run_log",
                  "run_summary", "curves", "tensorboard_events", "progress", "run_lock"]),
-    ("commands", ["inference", "demo", "generate", "gin_setup", "cli", "__main__"]),
+    ("commands", ["inference", "demo", "generate", "t5x_compat", "gin_setup", "cli",
+                  "__main__"]),
 ]
 MAX_LINES = 450
 MAX_TRAINING_LOOP_LINES = 250

@@ -149,3 +149,10 @@ def test_adam_with_weight_decay_is_adamw():
       np.asarray(_run(optax.adamw(1e-2, weight_decay=0.1), param, grads)))
   np.testing.assert_array_equal(np.asarray(_run(optim.adam(1e-2), param, grads)),
                                 np.asarray(_run(optax.adam(1e-2), param, grads)))
+
+
+def test_the_learning_rate_of_an_optimizer_made_here_is_known_for_the_log():
+  masked = optim.masked_optimizer(optim.adafactor(learning_rate=0.25), {"a": optim.TRAINABLE})
+  assert optim.learning_rate_of(masked) == 0.25
+  assert optim.learning_rate_of(optim.adam(learning_rate=1e-3)) == 1e-3
+  assert optim.learning_rate_of(optax.sgd(0.1)) is None  # made elsewhere: not guessed

@@ -50,6 +50,17 @@ def test_class_labels_average_each_label_then_sample():
   assert ((rest >= 3) & (rest < 33)).all()
 
 
+def test_class_labels_label_order_sets_which_slot_each_label_takes():
+  rng, shape = jax.random.PRNGKey(3), (4, 16)
+  task_order = np.asarray(prompts.class_labels(["no", "yes"], VOCAB)(rng, shape, EMBEDDING))
+  given = np.asarray(prompts.class_labels(["no", "yes"], VOCAB, label_order=["yes", "no"])(
+      rng, shape, EMBEDDING))
+  np.testing.assert_allclose(given[0], task_order[1])
+  np.testing.assert_allclose(given[1], task_order[0])
+  with pytest.raises(ValueError, match="must hold the task's labels"):
+    prompts.class_labels(["no", "yes"], VOCAB, label_order=["yes", "maybe"])
+
+
 def test_class_labels_fill_every_prompt_of_a_bank():
   values = np.asarray(prompts.class_labels(["yes", "no"], VOCAB)(
       jax.random.PRNGKey(3), (3, 4, 16), EMBEDDING))
