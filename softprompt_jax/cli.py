@@ -20,6 +20,7 @@ import gin
 import jax
 
 from softprompt_jax import __version__, generate, gin_setup, multihost, output_files
+from softprompt_jax.checkpoints.convert import convert_checkpoint
 from softprompt_jax.demo import run_demo
 from softprompt_jax.errors import ConfigError, UsageError, is_user_error, one_line
 from softprompt_jax.inference import export_prompt
@@ -191,8 +192,19 @@ def _export(args, extra) -> int:
   if extra:
     raise UsageError(f"unknown arguments {extra}")
   model_dir = local_path(args.model_dir, "--model_dir", advice=_LOCAL_RUN_DIR)
-  out = export_prompt(str(model_dir), args.out)
+  out = export_prompt(str(model_dir), args.out, base_model=args.base_model)
   print(f"wrote {out}", file=_message_stream(args.out))
+  return 0
+
+
+def _convert(args, extra) -> int:
+  if extra:
+    raise UsageError(f"unknown arguments {extra}")
+  out, notes = convert_checkpoint(args.input, args.output, to=args.to,
+                                  source_format=args.source_format, step=args.step)
+  for note in notes:
+    print(f"softprompt-jax convert: note: {note}", file=sys.stderr, flush=True)
+  print(f"wrote {out}")
   return 0
 
 
@@ -281,13 +293,35 @@ def build_parser() -> argparse.ArgumentParser:
   exp = command("export", "write a run's best (else latest) prompt",
                 "Write a run's best (else latest) prompt as a .npy file ([P, d_model], float32, "
                 "the released prompts' format) or, when --out is not a .npy, as a PEFT adapter "
-                "directory that PyTorch users load with PEFT.",
+                "directory that PyTorch users load with PEFT. The adapter names its base model "
+                "(base_model_name_or_path, what AutoPeftModelForSeq2SeqLM loads): --base_model, "
+                "else the run's frozen checkpoint when that is a Hugging Face directory.",
                 ["--model_dir /tmp/smoke --out prompt.npy",
-                 "--model_dir /tmp/smoke --out /tmp/smoke_adapter"])
+                 "--model_dir /tmp/smoke --out /tmp/smoke_adapter",
+                 "--model_dir /tmp/run --out /tmp/adapter --base_model google/t5-v1_1-base"])
   exp.add_argument("--model_dir", required=True, help="the run directory to read")
   exp.add_argument("--out", required=True, help="FILE.npy (or - for stdout), or a directory for "
                    "a PEFT adapter")
+  exp.add_argument("--base_model", help="the adapter's base model: a Hugging Face hub id, or a "
+                   "local Hugging Face T5 directory (written as an absolute path)")
   exp.set_defaults(run=_export)
+  conv = command("convert", "convert a T5 checkpoint between t5x and Hugging Face",
+                 "Convert a frozen T5 between a t5x checkpoint (read: legacy or orbax; written: "
+                 "t5x's legacy layout, no optimizer state, so restore it with "
+                 "fallback_to_scratch) and a Hugging Face directory (config.json + "
+                 "model.safetensors). Weights are checked as training loads them and written as "
+                 "float32; OUT must be new or empty.",
+                 ["--from t5x --to hf /ckpt/t5_1_1_base/checkpoint_1000000 /tmp/t5_base_hf",
+                  "--from hf --to t5x /tmp/t5_base_hf /tmp/t5x/checkpoint_1000000 --step 1000000"])
+  conv.add_argument("input", metavar="IN", help="the checkpoint to read (t5x checkpoint_N/, "
+                    "or a Hugging Face directory)")
+  conv.add_argument("output", metavar="OUT", help="the directory to write (new or empty)")
+  conv.add_argument("--from", dest="source_format", choices=["t5x", "hf"],
+                    help="IN's format, checked (default: found from IN)")
+  conv.add_argument("--to", required=True, choices=["t5x", "hf"], help="OUT's format")
+  conv.add_argument("--step", type=int, default=0, help="with --to t5x: the training step "
+                    "recorded in the checkpoint (t5x counts TRAIN_STEPS on from it)")
+  conv.set_defaults(run=_convert)
   demo = command("demo", "prompt tuning on the shipped tiny T5, offline, in minutes",
                  "Prompt-tune the tiny T5 shipped inside the package on a synthetic task shown "
                  "without its written instruction, and compare held-out accuracy with no prompt, "

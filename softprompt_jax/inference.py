@@ -4,7 +4,9 @@ read one as nearest tokens, export one. Plain functions, bound by gin like `trai
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import sys
 from typing import Mapping, Optional
 
 import jax
@@ -14,15 +16,16 @@ from jax.experimental import multihost_utils
 from softprompt_jax import config_checks as cc
 from softprompt_jax import nearest_tokens, output_files, prompts
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
-from softprompt_jax.checkpoints.hf import SAFE_ALTERNATIVE, is_pickle_file
+from softprompt_jax.checkpoints.hf import (CONFIG_FILE as HF_CONFIG_FILE, SAFE_ALTERNATIVE,
+                                           is_hf_checkpoint, is_pickle_file)
 from softprompt_jax.data import get_task, pipeline
 from softprompt_jax.data.readers import located_records
 from softprompt_jax.data.tasks import RecordError
-from softprompt_jax.errors import ConfigError
+from softprompt_jax.errors import ConfigError, UsageError
 from softprompt_jax.evaluation import decode_in_batches, run_eval
 from softprompt_jax.model_spec import ModelSpec, load_frozen
-from softprompt_jax.paths import local_path
-from softprompt_jax.peft_interop import load_peft_adapter, save_peft_adapter
+from softprompt_jax.paths import is_url, local_path
+from softprompt_jax.peft_interop import ADAPTER_CONFIG, load_peft_adapter, save_peft_adapter
 from softprompt_jax.progress import Progress
 from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 from softprompt_jax.prompts import PromptShapeError
@@ -255,22 +258,83 @@ def interpret_prompt(*, model_dir: str, model: Optional[ModelSpec] = None, vocab
 
 
 def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = None,
-                  peft_num_heads: Optional[int] = None) -> pathlib.Path:
+                  peft_num_heads: Optional[int] = None,
+                  base_model: Optional[str] = None) -> pathlib.Path:
   """The run's best (else latest) prompt as `.npy`, or as a PEFT adapter directory when `out`
   does not end in .npy (then the model's layer and head counts are needed).
 
   The .npy goes through output_files: a file (or a symlink's target) is replaced atomically; `-`
   writes the .npy bytes to stdout, and a pipe or device (/dev/null, a FIFO) is streamed to
   whatever its name, since an adapter directory cannot be streamed. An adapter directory's
-  files are each written atomically (a symlinked directory keeps its link)."""
+  files are each written atomically (a symlinked directory keeps its link).
+
+  The adapter's `base_model_name_or_path` (what AutoPeftModelForSeq2SeqLM loads) is
+  `base_model` (a hub id, or a local Hugging Face directory, written absolute), else the run's
+  frozen checkpoint when that is a Hugging Face directory; else it stays null, said on stderr."""
   if not pathlib.Path(model_dir).is_dir():
     raise FileNotFoundError(f"run directory {model_dir} does not exist")
-  values = best_prompt(model_dir)
   out_path = pathlib.Path(out)
-  if out_path.suffix == ".npy" or output_files.is_stream(out):
+  to_npy = out_path.suffix == ".npy" or output_files.is_stream(out)
+  if to_npy and base_model is not None:
+    raise UsageError(f"--base_model goes into a PEFT adapter's config; --out {out} is a plain "
+                     ".npy prompt (give a directory to write an adapter)")
+  values = best_prompt(model_dir)
+  if to_npy:
     prompts.save_npy(out, values)
     return out_path
-  meta_config = required_meta(model_dir)["config"]
-  return save_peft_adapter(out_path, values,
-                           num_layers=peft_num_layers or meta_config["num_encoder_layers"],
-                           num_heads=peft_num_heads or meta_config["num_heads"])
+  meta = required_meta(model_dir)
+  meta_config = meta["config"]
+  if base_model is not None:
+    base = _base_model_name(base_model, "--base_model", values.shape[-1])
+  else:
+    base = _run_base_model(meta.get("model") or {}, values.shape[-1])
+  adapter = save_peft_adapter(out_path, values,
+                              num_layers=peft_num_layers or meta_config["num_encoder_layers"],
+                              num_heads=peft_num_heads or meta_config["num_heads"],
+                              base_model_name_or_path=base)
+  if base is None:
+    print(f"note: {adapter / ADAPTER_CONFIG} has base_model_name_or_path null (the run's "
+          "frozen model is not a Hugging Face directory here), so AutoPeftModelForSeq2SeqLM "
+          "cannot load it alone; export again with --base_model NAME (a hub id such as "
+          "google/t5-v1_1-base, or a local Hugging Face T5 directory), or load it with "
+          "PeftModel.from_pretrained(model, adapter)", file=sys.stderr, flush=True)
+  return adapter
+
+
+def _base_model_name(name: str, what: str, width: int) -> str:
+  """`name` as an adapter's base_model_name_or_path: an existing local Hugging Face directory
+  absolute (checked against the prompt's width), anything else as given (a hub id)."""
+  if is_url(name):
+    raise UsageError(f"{what} {name!r} is a URL; give a hub id (org/name) or a local Hugging "
+                     "Face model directory")
+  path = local_path(name, what)
+  if not path.exists():
+    if name.startswith(("/", ".", "~")):  # a path, not a hub id: a typo must not pass
+      raise FileNotFoundError(f"{what} {name}: no such directory; give a hub id (org/name) or "
+                              "a local Hugging Face model directory")
+    return name
+  if not (path.is_dir() and (path / HF_CONFIG_FILE).is_file()):
+    raise UsageError(f"{what} {path} is not a Hugging Face model directory (no {HF_CONFIG_FILE}"
+                     "); give one, or a hub id")
+  try:
+    d_model = json.loads((path / HF_CONFIG_FILE).read_text()).get("d_model")
+  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+    raise CheckpointError(f"{path / HF_CONFIG_FILE}: not a readable config ({e})") from None
+  if d_model is not None and d_model != width:
+    raise PromptShapeError(f"{what} {path} has d_model {d_model} but the prompt is {width} wide; "
+                           "give the model the prompt was trained with")
+  return os.path.abspath(path)  # PEFT loads it from any working directory; symlinks kept
+
+
+def _run_base_model(model: dict, width: int) -> Optional[str]:
+  """The run's frozen checkpoint as a base model name when it is a Hugging Face directory
+  (or a file in one) that is still there; else None."""
+  checkpoint = model.get("checkpoint")
+  if not checkpoint:
+    return None
+  path = local_path(checkpoint, "the run's frozen_model.checkpoint")
+  directory = path.parent if path.is_file() else path
+  if not (directory.is_dir() and is_hf_checkpoint(directory)
+          and (directory / HF_CONFIG_FILE).is_file()):
+    return None
+  return _base_model_name(str(directory), "the run's frozen_model.checkpoint", width)

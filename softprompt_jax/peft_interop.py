@@ -2,8 +2,11 @@
 
 PEFT's format: `adapter_config.json` (peft_type PROMPT_TUNING) and `adapter_model.safetensors`
 holding `prompt_embeddings` [num_virtual_tokens * num_transformer_submodules, token_dim]. Ours is
-an encoder-side prompt, so `num_transformer_submodules` is 1 (PEFT's seq2seq default of 2 would
-also prepend a second prompt to the decoder).
+an encoder-side prompt and we write `num_transformer_submodules` 1. PEFT's seq2seq default is 2
+rows per virtual token, [encoder half; decoder half], but its seq2seq prompt tuning (forward and
+generate of PeftModelForSeq2SeqLM, PEFT 0.21) prepends only the first num_virtual_tokens rows, to
+the encoder input: the decoder half is never used, so reading the first half is exact
+(tests/test_peft_oracle.py compares PEFT's logits for such an adapter with ours).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def load_peft_adapter(directory) -> np.ndarray:
   if config.get("peft_type") != "PROMPT_TUNING":
     raise CheckpointError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only "
                           "PROMPT_TUNING adapters hold a soft prompt")
+  submodules = _submodules(config, config_path)
   weights_path = directory / ADAPTER_WEIGHTS
   if not weights_path.is_file():
     bin_path = directory / "adapter_model.bin"
@@ -83,10 +87,33 @@ def load_peft_adapter(directory) -> np.ndarray:
   if PROMPT_KEY not in weights:
     raise CheckpointError(f"{weights_path}: no '{PROMPT_KEY}' tensor (found {sorted(weights)})")
   prompt = np.asarray(weights[PROMPT_KEY], np.float32)
-  if config.get("num_transformer_submodules", 1) not in (1, None):
-    # PEFT stores [encoder prompt; decoder prompt]; the encoder part is the first P rows.
-    prompt = prompt[:tokens]
-  if prompt.ndim != 2 or prompt.shape[0] != tokens:
+  if submodules is None:  # an older or hand-written config: the rows tell
+    submodules = 2 if _is_seq2seq(config) and prompt.shape[:1] == (2 * tokens,) else 1
+  if prompt.ndim != 2 or prompt.shape[0] != tokens * submodules:
     raise CheckpointError(f"{weights_path}: {PROMPT_KEY} has shape {prompt.shape} but "
-                          f"num_virtual_tokens is {tokens}")
-  return prompt
+                          f"num_virtual_tokens is {tokens} and num_transformer_submodules "
+                          f"{submodules} (expected {tokens * submodules} rows)")
+  # With 2 submodules the rows are [encoder half; decoder half]; PEFT feeds T5 the first only.
+  return prompt[:tokens]
+
+
+def _is_seq2seq(config: dict) -> bool:
+  return config.get("task_type") == "SEQ_2_SEQ_LM"
+
+
+def _submodules(config: dict, config_path: pathlib.Path) -> Optional[int]:
+  """num_transformer_submodules as PEFT reads it (None: not in the file); CheckpointError for a
+  layout whose prompt is not the encoder prompt our model takes."""
+  submodules = config.get("num_transformer_submodules")
+  if submodules is None:
+    return None
+  if type(submodules) is not int or submodules not in (1, 2):
+    raise CheckpointError(f"{config_path}: num_transformer_submodules is {submodules!r}; a T5 "
+                          "prompt-tuning adapter has 1 (an encoder prompt) or 2 (PEFT's seq2seq "
+                          "default)")
+  if submodules == 2 and not _is_seq2seq(config):
+    raise CheckpointError(f"{config_path}: num_transformer_submodules is 2 with task_type "
+                          f"{config.get('task_type')!r}; only a SEQ_2_SEQ_LM adapter's first half "
+                          "is a T5 encoder prompt. Re-create the PEFT config with "
+                          "task_type='SEQ_2_SEQ_LM' and num_transformer_submodules=1")
+  return submodules

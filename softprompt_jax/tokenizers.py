@@ -8,6 +8,7 @@ Unicode (a lone surrogate) and ids that are not integers raise a TokenizerInputE
 from __future__ import annotations
 
 import abc
+import json
 import numbers
 import os
 import pathlib
@@ -268,15 +269,52 @@ class ByteVocabulary(Vocabulary):
     return "ByteVocabulary()"
 
 
+# Where a model directory keeps its SentencePiece model: Hugging Face's name, then seqio's.
+SENTENCEPIECE_NAMES = ("spiece.model", "sentencepiece.model")
+# Files of a Hugging Face model directory that may name its tokenizer's class.
+_TOKENIZER_CLASS_FILES = ("tokenizer_config.json", "config.json")
+
+
 def get_vocabulary(spec: str | os.PathLike | Vocabulary, extra_ids: int = 100) -> Vocabulary:
-  """'byte' or 'byt5' -> ByteVocabulary; a SentencePiece .model path -> SentencePieceVocabulary."""
+  """'byte' or 'byt5' -> ByteVocabulary; a SentencePiece .model path -> SentencePieceVocabulary;
+  a model directory (Hugging Face's, or seqio's vocabulary folder) -> its spiece.model (or
+  sentencepiece.model), or ByteVocabulary when it is a ByT5's."""
   if isinstance(spec, Vocabulary):
     return spec
   name = os.fspath(spec)
   if name.lower() in ("byte", "byt5"):
     return ByteVocabulary()
   path = local_path(name, "vocabulary", advice="copy the .model file to a local path first")
+  if path.is_dir():
+    return _directory_vocabulary(path, extra_ids)
   if name.endswith(".model") or path.exists():
     return SentencePieceVocabulary(path, extra_ids=extra_ids)
-  raise ValueError(f"unknown vocabulary {name!r}: use 'byte' / 'byt5' or the path of a "
-                   "SentencePiece .model file")
+  raise ValueError(f"unknown vocabulary {name!r}: use 'byte' / 'byt5', the path of a "
+                   "SentencePiece .model file, or a model directory holding spiece.model")
+
+
+def _directory_vocabulary(directory: pathlib.Path, extra_ids: int) -> Vocabulary:
+  for file_name in SENTENCEPIECE_NAMES:
+    if (directory / file_name).is_file():
+      return SentencePieceVocabulary(directory / file_name, extra_ids=extra_ids)
+  if _tokenizer_class(directory) == "ByT5Tokenizer":
+    return ByteVocabulary()
+  others = [n for n in ("tokenizer.json", "tokenizer_config.json") if (directory / n).is_file()]
+  held = (f"; it holds {' and '.join(others)}, which this library does not read (only "
+          "SentencePiece models)" if others else "")
+  raise FileNotFoundError(f"vocabulary directory {directory} has no "
+                          f"{' or '.join(SENTENCEPIECE_NAMES)}{held}; put the model's "
+                          "SentencePiece file there as spiece.model, give its path, or 'byte' "
+                          "for ByT5")
+
+
+def _tokenizer_class(directory: pathlib.Path) -> str | None:
+  """The tokenizer class a Hugging Face directory's JSON files name, if any."""
+  for file_name in _TOKENIZER_CLASS_FILES:
+    try:
+      found = json.loads((directory / file_name).read_text()).get("tokenizer_class")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+      continue  # absent or unreadable: the next file, then the refusal, say the rest
+    if found:
+      return found
+  return None

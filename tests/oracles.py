@@ -106,3 +106,20 @@ def hf_to_ours(model):
   if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
     state.pop("lm_head.weight", None)
   return ours, params_from_hf_state(state, ours)
+
+
+def hf_greedy(model, encoder_input_tokens: np.ndarray, max_new_tokens: int) -> np.ndarray:
+  """Greedy `generate` tokens [B, max_new_tokens] of a transformers T5 or a PEFT model around
+  one: the start token stripped, 0 after EOS (as our decoders return them)."""
+  import torch
+  # use_cache=False: transformers' generation cache is built for num_layers (the encoder depth)
+  # and fails on tiny_hf_t5's deeper decoder; without it each step is a full forward.
+  with torch.no_grad():
+    out = model.generate(
+        input_ids=torch.tensor(encoder_input_tokens, dtype=torch.long),
+        attention_mask=torch.tensor(encoder_input_tokens > 0, dtype=torch.long),
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=False).numpy()
+  assert (out[:, 0] == 0).all(), "generate should start from decoder_start_token_id 0"
+  tokens = np.zeros((len(encoder_input_tokens), max_new_tokens), np.int64)
+  tokens[:, :out.shape[1] - 1] = out[:, 1:]
+  return tokens

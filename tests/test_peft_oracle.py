@@ -1,11 +1,14 @@
 """Prompt tuning against PEFT on transformers' PyTorch T5: same weights, same prompt values."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from softprompt_jax import losses, peft_interop
+from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
 from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 
 import oracles
@@ -108,3 +111,50 @@ def test_adapter_errors(tmp_path):
   (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
   with pytest.raises(ValueError, match="LORA"):
     peft_interop.load_peft_adapter(tmp_path)
+
+
+def test_two_submodule_adapter_reads_as_its_encoder_half(setup, tmp_path):
+  """PEFT's seq2seq default keeps 2 prompts, [encoder; decoder], but its T5 prompt tuning
+  prepends only the first to the encoder input: the decoder half changes nothing PEFT computes,
+  and the first half alone gives PEFT's logits here."""
+  _, _, model, params, _ = setup
+  family = "t5_1_0" if model.config.logits_via_embedding else "t5_1_1"
+  two = peft.get_peft_model(oracles.tiny_hf_t5(family, seed=3), peft.PromptTuningConfig(
+      task_type="SEQ_2_SEQ_LM", num_virtual_tokens=PROMPT_LENGTH)).eval()
+  assert two.peft_config["default"].num_transformer_submodules == 2  # PEFT's default
+  rng = np.random.RandomState(8)
+  rows = rng.uniform(-0.5, 0.5, (2 * PROMPT_LENGTH, model.config.emb_dim)).astype(np.float32)
+  weight = two.prompt_encoder["default"].embedding.weight
+  with torch.no_grad():
+    weight.copy_(torch.tensor(rows))
+  two.save_pretrained(str(tmp_path / "two"))
+  encoder_half = peft_interop.load_peft_adapter(tmp_path / "two")
+  np.testing.assert_array_equal(encoder_half, rows[:PROMPT_LENGTH])
+
+  enc, dec = oracles.random_batch(seed=9)
+  ref = oracles.hf_logits(two, enc, dec)
+  ours = model.apply({"params": {**params, "prompt": {"prompt": jnp.asarray(encoder_half)}}},
+                     jnp.asarray(enc), jnp.asarray(dec))
+  _rel_close(ours, ref)
+  tokens = oracles.hf_greedy(two, enc[:, :12], 4)
+  with torch.no_grad():  # another decoder half: PEFT's logits and generate stay the same
+    weight[PROMPT_LENGTH:] = torch.tensor(rng.uniform(-9, 9, rows[PROMPT_LENGTH:].shape))
+  np.testing.assert_array_equal(oracles.hf_logits(two, enc, dec), ref)
+  np.testing.assert_array_equal(oracles.hf_greedy(two, enc[:, :12], 4), tokens)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"num_transformer_submodules": 3}, "num_transformer_submodules is 3"),
+    ({"num_transformer_submodules": 2, "task_type": "CAUSAL_LM"},
+     "Re-create the PEFT config with task_type='SEQ_2_SEQ_LM' and num_transformer_submodules=1"),
+    ({"num_transformer_submodules": 2}, r"shape \(5, 4\).*expected 10 rows"),
+])
+def test_adapter_layouts_that_hold_no_encoder_prompt_are_refused(tmp_path, fields, message):
+  peft_interop.save_peft_adapter(tmp_path, np.ones((5, 4), np.float32), num_layers=1,
+                                 num_heads=1)
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **fields}))
+  with pytest.raises(CheckpointError, match=message) as refused:
+    peft_interop.load_peft_adapter(tmp_path)
+  assert "adapter_config.json" in str(refused.value) or "adapter_model" in str(refused.value)
+  assert "\n" not in str(refused.value)

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import sentencepiece
 
+from softprompt_jax.errors import is_user_error
+from softprompt_jax.run_setup import load_vocabulary
 from softprompt_jax.tokenizers import (ByteVocabulary, SentencePieceVocabulary, get_vocabulary,
                                        pad_batch, sentinel_id)
 
@@ -277,6 +279,31 @@ def test_get_vocabulary(vocab_path):
   assert get_vocabulary(b) is b
   with pytest.raises(ValueError, match="'t5'.*byte"):
     get_vocabulary("t5")
+
+
+def test_a_model_directory_is_a_vocabulary(vocab, vocab_path, tmp_path):
+  hf_dir = tmp_path / "t5-small"  # as a Hugging Face T5 directory holds it
+  hf_dir.mkdir()
+  shutil.copy(vocab_path, hf_dir / "spiece.model")
+  (hf_dir / "tokenizer_config.json").write_text('{"extra_ids": 100}')
+  (hf_dir / "tokenizer.json").write_text("{}")
+  for found in (get_vocabulary(hf_dir), load_vocabulary(str(hf_dir))):
+    assert isinstance(found, SentencePieceVocabulary)
+    assert found.model_file == str(hf_dir / "spiece.model")
+    assert found.vocab_size == vocab.vocab_size
+    assert found.encode(SENTINEL_TEXTS[3]) == vocab.encode(SENTINEL_TEXTS[3])
+  byt5_dir = tmp_path / "byt5-small"
+  byt5_dir.mkdir()
+  (byt5_dir / "config.json").write_text('{"model_type": "t5", "tokenizer_class": "ByT5Tokenizer"}')
+  assert isinstance(get_vocabulary(byt5_dir), ByteVocabulary)
+
+
+def test_a_model_directory_without_a_sentencepiece_model_is_refused(tmp_path):
+  (tmp_path / "tokenizer.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match=re.escape(
+      f"{tmp_path} has no spiece.model or sentencepiece.model; it holds tokenizer.json")) as e:
+    load_vocabulary(str(tmp_path))
+  assert is_user_error(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_model_file(tmp_path):
