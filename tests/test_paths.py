@@ -17,6 +17,7 @@ from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
 from softprompt_jax.checkpoints.integrity import fingerprint
 from softprompt_jax.checkpoints.loading import load_t5
 from softprompt_jax.cli import main
+from softprompt_jax.data import cache
 from softprompt_jax.data.readers import DataError, read_records
 from softprompt_jax.model_spec import frozen_model, load_frozen
 from softprompt_jax.tokenizers import get_vocabulary
@@ -103,6 +104,9 @@ def test_vocabulary_and_data_from_every_spelling(odd_tree, way):
   assert records == [{"text": "grüße aus köln", "label": 1}]
   directory = list(read_records(_ways(odd_tree)[way], "train"))  # a directory of splits
   assert directory == records
+  # The formatted-examples cache knows the same files by every spelling.
+  key = cache.files_key(_ways(odd_tree / "train.jsonl")[way], "train")
+  assert key is not None and key == cache.files_key(odd_tree / "train.jsonl", "train")
 
 
 def test_urls_are_refused_where_each_path_is_given(odd_tree):

@@ -34,7 +34,7 @@ def files_key(source, split: str) -> tuple | None:
     return files_key(source[split], split) if split in source else None
   if not isinstance(source, (str, os.PathLike)):
     return None
-  root = pathlib.Path(source).absolute()
+  root = pathlib.Path(source).expanduser().resolve()  # one key however the path is spelled
   try:
     if root.is_file():
       files = [root]
