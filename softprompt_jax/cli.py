@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "--input 'translate English to German: Hello.' --method beam"])
   gen.add_argument("--checkpoint", help="t5x or Hugging Face checkpoint (default: a tiny random "
                    "model written on the fly)")
-  gen.add_argument("--vocab", default="byte", help="'byte' (ByT5) or a SentencePiece .model file")
+  gen.add_argument("--vocab", default="byte", help="'byte' (ByT5), a SentencePiece .model "
+                   "file, or a model directory holding spiece.model")
   gen.add_argument("--input", nargs="+", default=["reverse: hello world", "sort: c a b"],
                    help="texts to decode")
   gen.add_argument("--method", choices=["greedy", "beam", "sample"], default="greedy",

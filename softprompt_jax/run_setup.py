@@ -63,7 +63,8 @@ def prompt_initializer(factory: Callable, task, vocabulary) -> prompts.PromptIni
 def load_vocabulary(spec):
   """The vocabulary named by `spec`; a missing or unknown one is a ConfigError."""
   if spec is None:
-    raise ConfigError("no vocabulary: set VOCABULARY (a sentencepiece .model path, or 'byte')")
+    raise ConfigError("no vocabulary: set VOCABULARY (a sentencepiece .model path, a model "
+                      "directory holding spiece.model, or 'byte')")
   try:
     return get_vocabulary(spec)
   except ValueError as e:  # an unknown name, or a file that is no SentencePiece model
