@@ -125,14 +125,14 @@ def boolean() -> Rule:
   return Rule("True or False", lambda v: isinstance(v, bool))
 
 
-def texts() -> Rule:
+def texts(*, optional: bool = False) -> Rule:
   """A string or a non-empty list of strings (regex patterns, names)."""
   def test(value) -> bool:
     if isinstance(value, str):
       return bool(value)
     return (isinstance(value, (list, tuple)) and bool(value)
             and all(isinstance(v, str) and v for v in value))
-  return Rule("a string or a non-empty list of strings", test)
+  return Rule("a string or a non-empty list of strings", test, optional=optional)
 
 
 def integers(low: int = 1, *, optional: bool = False) -> Rule:

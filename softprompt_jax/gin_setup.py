@@ -17,7 +17,8 @@ from typing import Sequence
 
 import gin
 
-from softprompt_jax import inference, model_spec, optim, prompts, t5x_compat, training_loop
+from softprompt_jax import (inference, methods, model_spec, optim, prompts, t5x_compat,
+                            training_loop)
 from softprompt_jax.errors import ConfigError
 
 _REGISTERED: dict = {}
@@ -36,6 +37,8 @@ def _entries() -> list:
   ]
   for name, entry in prompts.INITIALIZERS.items():
     entries.append((entry.factory, name, "prompts", prompts.INITIALIZER_RULES[name]))
+  for name, entry in methods.METHODS.items():
+    entries.append((entry.factory, name, "methods", entry.rules))
   return entries
 
 

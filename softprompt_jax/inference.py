@@ -23,13 +23,14 @@ from softprompt_jax.data.readers import located_records
 from softprompt_jax.data.tasks import RecordError
 from softprompt_jax.errors import ConfigError, UsageError
 from softprompt_jax.evaluation import decode_in_batches, run_eval
+from softprompt_jax.methods import Method, PromptTuning, from_description
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.paths import is_url, local_path
 from softprompt_jax.peft_interop import ADAPTER_CONFIG, load_peft_adapter, save_peft_adapter
 from softprompt_jax.progress import Progress
 from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 from softprompt_jax.prompts import PromptShapeError
-from softprompt_jax.run_dir import best_prompt, required_meta
+from softprompt_jax.run_dir import best_prompt, best_trainable, read_meta, required_meta
 from softprompt_jax.run_layout import (CHECKPOINT_SUBDIR, INTERPRETATION_FILE, PROMPT_FILE,
                                        eval_file)
 from softprompt_jax.run_setup import (check_vocabulary_fits, load_vocabulary, model_config,
@@ -76,6 +77,17 @@ def _prompt_values(source) -> np.ndarray:
                           f"{PROMPT_FILE} or {CHECKPOINT_SUBDIR}/; give {_PROMPT_SOURCES}")
 
 
+def run_method(source) -> Method:
+  """The method a run directory was trained with (prompt tuning for anything else: a .npy, an
+  adapter, a run from before methods existed)."""
+  path = pathlib.Path(source)
+  meta = read_meta(path) if path.is_dir() and (path / CHECKPOINT_SUBDIR).is_dir() else None
+  try:
+    return from_description((meta or {}).get("method"))
+  except ValueError as e:
+    raise ConfigError(f"{path}: {e}") from None
+
+
 def _check_prompt_fits(values: np.ndarray, config, source: str) -> None:
   """A prompt made for another model (another d_model) fails here, before weights are read."""
   shape = tuple(values.shape[:-1]) + (config.emb_dim,)
@@ -98,12 +110,20 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
     raise ConfigError("evaluate needs a prompt: set PROMPT_FILE or --model_dir")
   task = get_task(task)  # before reading anything
   pipeline.check_splits(task, data_source, train=None, evals=(split,), bad_records=bad_records)
-  values = _prompt_values(source)
-  setup = setup_run(model=model, task=task, vocabulary=vocabulary, prompt_length=values.shape[0],
-                    prompt_init=prompts.random_uniform, placement="prepend", trainable=(".*",),
-                    num_partitions=num_partitions, mesh_shape=None,
-                    parameter_partitioning_dims=1, activation_partitioning_dims=1,
-                    dropout_rate=0.0, seed=0, prompt_values=values, prompt_source=str(source))
+  common = dict(model=model, task=task, vocabulary=vocabulary, prompt_init=prompts.random_uniform,
+                placement="prepend", trainable=(".*",), num_partitions=num_partitions,
+                mesh_shape=None, parameter_partitioning_dims=1, activation_partitioning_dims=1,
+                dropout_rate=0.0, seed=0)
+  method = run_method(source) if prompt_file is None else PromptTuning()
+  if type(method) is PromptTuning:  # the prompt alone: prompt.npy, an adapter, a checkpoint
+    values = _prompt_values(source)
+    setup = setup_run(**common, prompt_length=values.shape[0], prompt_values=values,
+                      prompt_source=str(source))
+  else:  # another method: its whole trained subtree, into the module it builds
+    meta = required_meta(source)
+    setup = setup_run(**common, prompt_length=meta["prompt_length"], method=method,
+                      placement=meta.get("placement", "prepend"),
+                      trained=best_trainable(source))
   metrics = run_eval(setup, setup.params, split, data_source=data_source, batch_size=batch_size,
                      input_length=input_length, target_length=target_length,
                      max_examples=max_examples, bad_records=bad_records)
@@ -274,6 +294,10 @@ def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = Non
   if not pathlib.Path(model_dir).is_dir():
     raise FileNotFoundError(f"run directory {model_dir} does not exist")
   out_path = pathlib.Path(out)
+  method = run_method(model_dir)
+  if type(method) is not PromptTuning:  # its own format (per-layer prompts, IA3 adapters, ...)
+    return method.export(pathlib.Path(model_dir), best_trainable(model_dir),
+                         required_meta(model_dir), out_path, base_model=base_model)
   to_npy = out_path.suffix == ".npy" or output_files.is_stream(out)
   if to_npy and base_model is not None:
     raise UsageError(f"--base_model goes into a PEFT adapter's config; --out {out} is a plain "

@@ -8,6 +8,7 @@ import json
 import pathlib
 from typing import Iterator, Optional
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -70,6 +71,18 @@ def best_prompt(model_dir) -> np.ndarray:
   # The trained state's tree as saved, without building a model to restore it into.
   restored = ocp.StandardCheckpointer().restore(step_dir.absolute())
   return np.asarray(prompted_t5.get_prompt(restored["trainable"]), np.float32)
+
+
+def best_trainable(model_dir) -> dict:
+  """The trained subtree (every parameter the run's method trains) of a run's best, else
+  latest, checkpoint, as numpy arrays."""
+  model_dir = pathlib.Path(model_dir)
+  meta = read_meta(model_dir)
+  if meta is None:
+    raise FileNotFoundError(f"{model_dir}: no checkpoints; train first")
+  step_dir = model_dir / CHECKPOINT_SUBDIR / str(best_step(model_dir, meta)) / "state"
+  restored = ocp.StandardCheckpointer().restore(step_dir.absolute())
+  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), restored["trainable"])
 
 
 def completed_summary(model_dir: pathlib.Path, num_steps: int,

@@ -19,7 +19,8 @@ from softprompt_jax.checkpoints.integrity import same_model
 from softprompt_jax.data import get_task
 from softprompt_jax.errors import ConfigError
 from softprompt_jax.model_spec import ModelSpec, load_frozen
-from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params, prompt_shape
+from softprompt_jax.methods import Method, PromptTuning
+from softprompt_jax.prompted_t5 import prompt_shape
 from softprompt_jax.run_dir import read_meta
 from softprompt_jax.t5 import T5
 from softprompt_jax.t5_config import FAMILIES
@@ -104,15 +105,18 @@ def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_
               prompt_values=None, prompt_source: Optional[str] = None,
               batch_size: Optional[int] = None, input_length: Optional[int] = None,
               target_length: Optional[int] = None, resume_dir=None,
-              resume_identity: Optional[dict] = None) -> Setup:
+              resume_identity: Optional[dict] = None, method: Optional[Method] = None,
+              trained: Optional[dict] = None) -> Setup:
   """Checks everything that can be checked from configuration and metadata (task, vocabulary,
   mesh and batch, resumed run, model config, prompt shape), then loads the frozen weights.
 
   `prompt_source`: where `prompt_values` came from, for messages. `batch_size`: checked against
   the mesh's data axis and, with the lengths, against a device's memory. `resume_dir`: a run
   directory whose saved settings (task, prompt length, trainable, and `resume_identity`: seed,
-  data) must match.
+  data) must match. `method` (default: prompt tuning) builds the module and its new params;
+  `trained`, a trained subtree (a run's best), replaces those params' initial values.
   """
+  method = method if method is not None else PromptTuning()
   task = get_task(task) if isinstance(task, str) else task
   vocabulary = load_vocabulary(vocabulary)
   try:
@@ -150,15 +154,18 @@ def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_
     # Traced on shapes only: a prompt that does not fit fails before the weights are read.
     fixed = None if prompt_values is None else prompts.from_array(prompt_values, prompt_source)
     prompts.check_fits(fixed or init, shape, config.vocab_size, config.emb_dim)
-    net = PromptedT5(config, prompt_length=prompt_length, prompt_init=init,
-                     num_prompts=num_prompts, placement=placement)
+  if prompt_length or not method.has_prompt:
+    net = method.model(config, prompt_length=prompt_length, prompt_init=init,
+                       num_prompts=num_prompts, placement=placement)
   else:
     net = T5(config)
   config, frozen_params = load_frozen(model, partitioner, **overrides)
-  if prompt_length:
-    params = make_prompted_params(net, frozen_params, jax.random.PRNGKey(seed), prompt_values)
+  if prompt_length or not method.has_prompt:
+    params = method.init_params(net, frozen_params, jax.random.PRNGKey(seed), prompt_values)
   else:
     params = frozen_params
+  if trained is not None:
+    params = optim.merge(trained, params)
   try:
     labels = optim.param_labels(params, tuple(trainable))
   except ValueError as e:  # no path matches: nothing would train

@@ -16,11 +16,13 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.typing import ArrayLike
 
 from softprompt_jax import losses, optim, partitioning
+from softprompt_jax.errors import NumericalError
 from softprompt_jax.t5 import shift_right
 
 Batch = dict[str, jax.Array]
@@ -40,6 +42,9 @@ class LossConfig:
   z_loss: float = 1e-4
   label_smoothing: float = 0.0
   normalizer: losses.Normalizer = "num_real_target_tokens"
+  # The method's extra term of the params, (trainable, frozen) -> (scalar, metrics) or None
+  # (methods.Method.regularizer): added to the training loss, logged beside it.
+  regularizer: Optional[Callable] = None
 
 
 def init_train_state(params: dict, labels: dict, optimizer: optax.GradientTransformation
@@ -71,9 +76,14 @@ def loss_fn(trainable: dict, frozen: dict, batch: Batch, rng: Optional[jax.Array
             enable_dropout: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(scalar loss, diagnostics) of the merged params on `batch`; jax.grad takes `trainable`."""
   logits = _logits(model, optim.merge(trainable, frozen), batch, rng, enable_dropout)
-  return losses.t5x_loss(logits, batch["decoder_target_tokens"], z_loss=loss_config.z_loss,
-                         label_smoothing=loss_config.label_smoothing,
-                         normalizer=loss_config.normalizer)
+  loss, aux = losses.t5x_loss(logits, batch["decoder_target_tokens"], z_loss=loss_config.z_loss,
+                              label_smoothing=loss_config.label_smoothing,
+                              normalizer=loss_config.normalizer)
+  extra = loss_config.regularizer(trainable, frozen) if loss_config.regularizer else None
+  if extra is not None:
+    term, extra_metrics = extra
+    loss, aux = loss + term, {**aux, **extra_metrics}
+  return loss, aux
 
 
 def train_step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array, *,
@@ -92,7 +102,7 @@ def train_step(state: TrainState, frozen: dict, batch: Batch, rng: jax.Array, *,
   trainable_updates, _ = optim.split_trainable(updates, _labels_like(state.trainable, updates))
   trainable = optax.apply_updates(state.trainable, trainable_updates)
   metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
-  # Checked by the training loop before it logs or checkpoints (see trainer._check_finite).
+  # Checked by the training loop before it logs or checkpoints (check_finite).
   metrics[FINITE_TRAINABLE] = jnp.all(jnp.stack(
       [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(trainable)]))
   return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
@@ -177,3 +187,20 @@ def make_batch(encoder_input_tokens: ArrayLike, target_tokens: ArrayLike,
   if prompt_ids is not None:
     batch["prompt_ids"] = jnp.asarray(prompt_ids, jnp.int32)
   return batch
+
+
+def check_finite(recent: list[tuple[int, dict]]) -> None:
+  """NumericalError naming the first step (of those not yet checked) whose loss or updated
+  trainable params hold NaN or Inf. The loop keeps each step's metrics (device values, so steps
+  are not made to wait) and checks them before it logs or checkpoints: no checkpoint ever holds
+  a NaN or Inf, and the error names the step where it began."""
+  for step, metrics in recent:
+    if not np.isfinite(float(metrics["loss"])):
+      raise NumericalError(f"step {step}: the loss is {float(metrics['loss'])}; training "
+                           "stopped, the last good checkpoint is kept (lower the learning rate, "
+                           "or check the data)")
+    if not bool(metrics[FINITE_TRAINABLE]):
+      raise NumericalError(f"step {step}: the trained parameters (the prompt) hold NaN or Inf; "
+                           "training stopped, the last good checkpoint is kept (lower the "
+                           "learning rate)")
+  recent.clear()

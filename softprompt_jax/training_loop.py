@@ -23,8 +23,9 @@ from softprompt_jax import train_step as ts
 from softprompt_jax.checkpoints.integrity import fingerprint
 from softprompt_jax.checkpoints.state import PromptCheckpoints, abstract_like
 from softprompt_jax.data import pipeline
-from softprompt_jax.errors import ConfigError, NumericalError
+from softprompt_jax.errors import ConfigError
 from softprompt_jax.evaluation import run_eval
+from softprompt_jax.methods import Method, PromptTuning
 from softprompt_jax.model_spec import ModelSpec
 from softprompt_jax.prompted_t5 import PLACEMENTS
 from softprompt_jax.run_dir import completed_summary, last_logged_loss, write_results
@@ -49,7 +50,7 @@ TRAIN_RULES = {
     "task": cc.Rule("a task name", _is_task), "vocabulary": cc.text(optional=True),
     "data_source": cc.data_source(), "prompt_length": cc.integer(0),
     "prompt_init": cc.function("an initializer such as @prompts.class_labels"),
-    "placement": cc.one_of(*PLACEMENTS), "trainable": cc.texts(),
+    "placement": cc.one_of(*PLACEMENTS), "trainable": cc.texts(optional=True),
     "optimizer": cc.Rule("an optax optimizer such as @optim.adafactor()", _is_optimizer,
                          optional=True),
     "num_steps": cc.POSITIVE, "batch_size": cc.POSITIVE, "input_length": cc.POSITIVE,
@@ -70,12 +71,13 @@ TRAIN_RULES = {
     "activation_partitioning_dims": cc.integer(1, 2), "seed": cc.SEED,
     "log_every": cc.POSITIVE, "stop_after_steps": cc.integer(1, optional=True),
     "bad_records": cc.one_of("error", "skip"),
+    "method": cc.instance(Method, "a method such as @methods.prompt_tuning()", optional=True),
 }
 
 
 def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_source=None,
           prompt_length: int = 100, prompt_init: Callable = prompts.class_labels,
-          placement: str = "prepend", trainable: Sequence[str] = optim.PROMPT_ONLY,
+          placement: str = "prepend", trainable: Optional[Sequence[str]] = None,
           optimizer=None, num_steps: int = 30000, batch_size: int = 32, input_length: int = 512,
           target_length: int = 8, dropout_rate: Optional[float] = 0.1, z_loss: float = 1e-4,
           label_smoothing: float = 0.0,
@@ -85,8 +87,9 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
           num_partitions: int = 1, mesh_shape: Optional[Sequence[int]] = None,
           parameter_partitioning_dims: int = 1, activation_partitioning_dims: int = 1,
           seed: int = 0, log_every: int = 50, stop_after_steps: Optional[int] = None,
-          bad_records: str = "error") -> dict:
-  """Prompt tuning (or, with trainable='.*', model tuning); resumes when run again.
+          bad_records: str = "error", method: Optional[Method] = None) -> dict:
+  """Prompt tuning (or, with trainable='.*', model tuning; or another `method`: per-layer
+  prompts, IA3, ...); resumes when run again. `trainable` defaults to what the method trains.
 
   SIGTERM or SIGINT (an eviction notice, Ctrl-C) finishes the current step, saves a checkpoint
   there (at the same step in every process) and raises `preemption.Preempted`; running again
@@ -95,6 +98,8 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   """
   cc.check("train", locals(), TRAIN_RULES)
   start_time = time.time()
+  method = method if method is not None else PromptTuning()
+  trainable = method.trainable if trainable is None else trainable
   model_dir = paths.local_path(model_dir, "train.model_dir")  # `~` expanded; a URL refused
   _check_train_values(model_dir, prompt_length, trainable)
   finished = completed_summary(model_dir, num_steps, prompt_length)
@@ -113,7 +118,7 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
                     activation_partitioning_dims=activation_partitioning_dims,
                     dropout_rate=dropout_rate, seed=seed, batch_size=batch_size,
                     input_length=input_length, target_length=target_length,
-                    resume_dir=model_dir, resume_identity=identity)
+                    resume_dir=model_dir, resume_identity=identity, method=method)
   best_metric = best_metric or (getattr(setup.task, "metric_names", None) or ["accuracy"])[0]
   optimizer = optim.masked_optimizer(optimizer if optimizer is not None else optim.adafactor(),
                                      setup.labels)
@@ -121,12 +126,13 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   state, frozen = ts.init_train_state(setup.params, setup.labels, optimizer)
   train_step, _, shardings = ts.sharded_steps(
       setup.model, optimizer, setup.partitioner, *jax.eval_shape(lambda: (state, frozen)),
-      ts.LossConfig(z_loss, label_smoothing, loss_normalizer))
+      ts.LossConfig(z_loss, label_smoothing, loss_normalizer, method.regularizer))
   state = jax.device_put(state, shardings["state"])
   frozen = jax.device_put(frozen, shardings["frozen"])
 
   meta = {"model": model.describe(), "task": setup.task.name, "prompt_length": prompt_length,
           "placement": placement, "trainable": list(trainable), "config": setup.config.to_dict(),
+          "method": method.describe(),
           "best_metric": best_metric, "best_mode": best_mode,
           "vocabulary": vocabulary if isinstance(vocabulary, str) else None,
           "model_fingerprint": fingerprint(model.checkpoint) if model.checkpoint else None,
@@ -163,7 +169,7 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
         pending_tokens += jax.process_count() * int(np.sum(local["encoder_input_tokens"] > 0)
                                                     + np.sum(local["decoder_target_tokens"] > 0))
         if step % log_every == 0 or step == num_steps or step % eval_every == 0:
-          _check_finite(unchecked)
+          ts.check_finite(unchecked)
           values = {k: float(v) for k, v in metrics.items() if k != ts.FINITE_TRAINABLE}
           log.log_train(step, values, pending_tokens)
           pending_tokens = 0
@@ -179,7 +185,7 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
           saved = True
         if step < num_steps and signals.should_stop():  # every process answers alike
           if not saved:
-            _check_finite(unchecked)
+            ts.check_finite(unchecked)
             checkpoints.save(step, state, batches.state(), meta)
           preempted = preemption.Preempted(step, signals.stop_signal,
                                            checkpoints.directory / str(step))
@@ -199,7 +205,8 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
       final_loss = (float(metrics["loss"]) if step > start_step
                     else last_logged_loss(model_dir, step))
       write_results(summary, checkpoints, state, model_dir, final_loss=final_loss,
-              final_eval=last_eval, with_prompt=bool(prompt_length), primary=primary)
+              final_eval=last_eval, with_prompt=bool(prompt_length) and method.has_prompt,
+              primary=primary)
     return summary
   finally:
     checkpoints.close()
@@ -232,19 +239,3 @@ def _resume(checkpoints: PromptCheckpoints, state, batches, meta: dict, model_di
                       "new --model_dir or restore the original data") from None
   notes.append(f"resumed from {checkpoints.directory / str(latest)} at step {int(state.step)}")
   return state, saved_meta, notes
-
-
-def _check_finite(recent: list[tuple[int, dict]]) -> None:
-  """NumericalError naming the first step (of those not yet checked) whose loss or updated
-  trainable params hold NaN or Inf. The loop keeps each step's metrics (device values, so steps
-  are not made to wait) and checks them before it logs or checkpoints: no checkpoint ever holds
-  a NaN or Inf, and the error names the step where it began."""
-  for step, metrics in recent:
-    if not np.isfinite(float(metrics["loss"])):
-      raise NumericalError(f"step {step}: the loss is {float(metrics['loss'])}; training "
-                           "stopped, the last good checkpoint is kept (lower the learning rate, "
-                           "or check the data)")
-    if not bool(metrics[ts.FINITE_TRAINABLE]):
-      raise NumericalError(f"step {step}: the prompt holds NaN or Inf; training stopped, the "
-                           "last good checkpoint is kept (lower the learning rate)")
-  recent.clear()

@@ -45,5 +45,5 @@ def no_expensive_work(monkeypatch):
                  "softprompt_jax.checkpoints.loading.read_params",
                  "softprompt_jax.train_step.sharded_steps",
                  "softprompt_jax.prompted_t5.make_prompted_params",
-                 "softprompt_jax.run_setup.make_prompted_params"):
+                 "softprompt_jax.methods.base.make_prompted_params"):
     monkeypatch.setattr(target, _forbidden(target))

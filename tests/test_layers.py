@@ -16,7 +16,7 @@ LAYERS = [
                         "ensemble"]),
     ("steps and sharding", ["partitioning", "train_step", "preemption", "multihost"]),
     ("checkpoints and data", ["checkpoints", "data", "model_spec", "peft_interop", "prompts",
-                              "pretrained"]),
+                              "pretrained", "methods"]),
     ("the run", ["run_setup", "evaluation", "training_loop", "run_dir", "run_log",
                  "run_summary", "curves", "tensorboard_events", "progress", "run_lock"]),
     ("commands", ["inference", "demo", "generate", "t5x_compat", "gin_setup", "cli",

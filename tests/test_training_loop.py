@@ -23,12 +23,12 @@ def _step(loss: float, finite: bool = True) -> dict:
 def test_check_finite_names_the_first_bad_step_and_clears_what_it_checked():
   recent = [(4, _step(1.0)), (5, _step(float("nan"))), (6, _step(float("inf")))]
   with pytest.raises(NumericalError, match=r"^step 5: the loss is nan"):
-    training_loop._check_finite(recent)
+    ts.check_finite(recent)
   recent = [(7, _step(1.0)), (8, _step(2.0, finite=False))]
-  with pytest.raises(NumericalError, match=r"^step 8: the prompt holds NaN or Inf"):
-    training_loop._check_finite(recent)
+  with pytest.raises(NumericalError, match=r"^step 8: the trained parameters .* hold NaN or Inf"):
+    ts.check_finite(recent)
   recent = [(9, _step(1.0)), (10, _step(0.5))]
-  training_loop._check_finite(recent)
+  ts.check_finite(recent)
   assert recent == []  # checked steps are not checked again
 
 

@@ -1,0 +1,7 @@
+"""Methods beyond the paper's prompt tuning, each one module (see base.py for what a method is)."""
+
+from softprompt_jax.methods.base import (METHODS, Method, PromptTuning, from_description,
+                                         prompt_tuning, register_method)
+
+__all__ = ["METHODS", "Method", "PromptTuning", "from_description", "prompt_tuning",
+           "register_method"]
