@@ -166,7 +166,8 @@ class MultiHeadAttention(nn.Module):
       v_BxNxKxD = self.get_variable("cache", "projected_value")
     else:
       project = lambda name: Dense(inner, ("embed", "joined_kv"), self.dtype, name=name)(kv_BxKxH)
-      k_BxNxKxD, v_BxNxKxD = heads_first(project("key")), heads_first(project("value"))
+      k_BxNxKxD, v_BxNxKxD = self.adapt_kv(heads_first(project("key")),
+                                           heads_first(project("value")))
       if cache_kv_projections:
         self.put_variable("cache", "projected_key", k_BxNxKxD)
         self.put_variable("cache", "projected_value", v_BxNxKxD)
@@ -185,6 +186,13 @@ class MultiHeadAttention(nn.Module):
     out_BxQxF = out_BxQxNxD.reshape(out_BxQxNxD.shape[:2] + (inner,))
     o_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     return Dense(emb, ("joined_kv", "embed"), self.dtype, o_init, name="out")(out_BxQxF)
+
+  def adapt_kv(self, k_BxNxKxD: jax.Array,
+               v_BxNxKxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The projected keys and values as attention uses (and a decode cache keeps) them. A hook,
+    the identity here: a method that rescales them (IA3, methods/ia3.py) intercepts this call
+    with flax's `nn.intercept_methods`, so the frozen T5's code and params stay as they are."""
+    return k_BxNxKxD, v_BxNxKxD
 
   def _update_cache(self, k_BxNx1xD: jax.Array, v_BxNx1xD: jax.Array,
                     biases: tuple[jax.Array, ...]
@@ -233,7 +241,12 @@ class MLP(nn.Module):
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden,
                                                                  deterministic=deterministic)
-    return Dense(emb, ("mlp", "embed"), self.dtype, init, name="wo")(hidden)
+    return Dense(emb, ("mlp", "embed"), self.dtype, init, name="wo")(self.adapt_hidden(hidden))
+
+  def adapt_hidden(self, hidden_BxLxF: jax.Array) -> jax.Array:
+    """The activations `wo` projects back to d_model. A hook, the identity here (see
+    `MultiHeadAttention.adapt_kv`; IA3 rescales them)."""
+    return hidden_BxLxF
 
 
 def attention_mask_bias(query_valid_BxQ: jax.Array, key_valid_BxK: jax.Array) -> jax.Array:
