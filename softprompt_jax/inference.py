@@ -121,8 +121,8 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
                       prompt_source=str(source))
   else:  # another method: its whole trained subtree, into the module it builds
     meta = required_meta(source)
-    setup = setup_run(**common, prompt_length=meta["prompt_length"], method=method,
-                      placement=meta.get("placement", "prepend"),
+    setup = setup_run(**{**common, "placement": meta.get("placement", "prepend")},
+                      prompt_length=meta["prompt_length"], method=method,
                       trained=best_trainable(source))
   metrics = run_eval(setup, setup.params, split, data_source=data_source, batch_size=batch_size,
                      input_length=input_length, target_length=target_length,

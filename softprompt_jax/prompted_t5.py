@@ -3,6 +3,9 @@
 The parameter tree is T5's exactly, plus `prompt/prompt` ([P, H], or [N, P, H] for a bank of N
 task prompts), so a T5 checkpoint drops in unchanged. The prompt module only returns the prompt;
 splicing it into the inputs is a separate function (`prepend` / `append`), as in the paper's code.
+Two options reach past the input: `layer_prompt`, a module that rewrites the prompt positions
+before every encoder layer, and `prompt_attention`, who may see whom in the encoder
+(`prompt_masks`; the default, everything visible, is the paper's encoder).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from softprompt_jax import prompt_masks
 from softprompt_jax.prompt_init import from_array, random_uniform
 from softprompt_jax.t5 import T5, LayerInputs
 from softprompt_jax.t5_layers import param_with_axes
@@ -89,6 +93,21 @@ def append(x_BxTxH, valid_BxT, prompt_BxPxH):
 PLACEMENTS = {"prepend": prepend, "append": append}
 
 
+def prompt_index(placement: str, valid_BxT: jax.Array, prompt_length: int) -> jax.Array:
+  """[B, T] int32: the prompt row (0..P-1) at each position of a placed sequence, -1 elsewhere.
+  `valid_BxT` is the placed sequence's mask (prompt included), as the encoder sees it."""
+  b, t = valid_BxT.shape
+  j_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+  if placement == "prepend":
+    row_BxT = j_BxT
+  elif placement == "append":  # the prompt is the last P real positions
+    row_BxT = j_BxT - (jnp.sum(valid_BxT, axis=1, dtype=jnp.int32)[:, None] - prompt_length)
+  else:
+    raise ValueError(f"prompt_index: placement {placement!r} is not known here; add it beside "
+                     "the placement in PLACEMENTS")
+  return jnp.where((row_BxT >= 0) & (row_BxT < prompt_length), row_BxT, -1)
+
+
 class PromptedT5(T5):
   """T5 with a soft prompt. `apply(params, encoder_input_tokens, decoder_input_tokens)` -> logits.
 
@@ -101,8 +120,12 @@ class PromptedT5(T5):
   placement: str = "prepend"
   # A per-layer prompt, if any: a linen module called as the encoder's `layer_inputs` hook,
   # (layer index, x_BxTxH, valid_BxT) -> x_BxTxH (see t5.Encoder); its params live under
-  # `layer_prompt/`. The prompt positions are the first P valid ones (prepend) or the last P.
+  # `layer_prompt/`. The prompt positions are the first P valid ones (prepend) or the last P
+  # (`prompt_index` gives them).
   layer_prompt: Optional[nn.Module] = None
+  # Who may see whom in the encoder (`prompt_masks` kinds); everything by default, which builds
+  # no mask at all (T5's own path).
+  prompt_attention: tuple[str, ...] = prompt_masks.FULL
 
   def setup(self):
     super().setup()
@@ -110,6 +133,7 @@ class PromptedT5(T5):
       raise ValueError(f"PromptedT5.placement: {self.placement!r}; use one of {list(PLACEMENTS)}")
     self.prompt = Prompt(self.prompt_length, self.config.emb_dim, self.num_prompts,
                          self.prompt_init)
+    prompt_masks.canonical(self.prompt_attention)  # a bad kind fails here, in one line
 
   def encoder_inputs(self, encoder_input_tokens_BxT, prompt_ids=None):
     x_BxTxH = self.token_embedder(encoder_input_tokens_BxT)
@@ -127,6 +151,13 @@ class PromptedT5(T5):
                          "prompt_ids [batch] to choose each example's prompt")
       prompt_BxPxH = jnp.take(prompt, jnp.asarray(prompt_ids, jnp.int32), axis=0)
     return PLACEMENTS[self.placement](x_BxTxH, valid_BxT, prompt_BxPxH)
+
+  def encoder_attention_mask(self, valid_BxT: jax.Array) -> Optional[jax.Array]:
+    """The prompt mask over the placed sequence, or None when everything is visible."""
+    if prompt_masks.is_full(self.prompt_attention):
+      return None
+    index_BxT = prompt_index(self.placement, valid_BxT, self.prompt_length)
+    return prompt_masks.encoder_mask(index_BxT, valid_BxT, self.prompt_attention)
 
   def encode(self, encoder_input_tokens_BxT: jax.Array, *, enable_dropout: bool = False,
              layer_inputs: Optional[LayerInputs] = None, **kwargs) -> tuple[jax.Array, jax.Array]:

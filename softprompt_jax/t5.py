@@ -11,8 +11,9 @@ Tensor names carry their layout: B batch, T encoder length, S decoder length, H 
 N heads, D head_dim, F mlp width, V vocabulary, Q/K query/key length in attention.
 
 Prompt variants never change this file: the encoder takes its inputs already embedded (so a
-prompt can be spliced in first, `T5.encoder_inputs`), and an optional per-layer hook
-(`LayerInputs`) may rewrite each encoder layer's input (e.g. a prompt at every layer).
+prompt can be spliced in first, `T5.encoder_inputs`), an optional per-layer hook
+(`LayerInputs`) may rewrite each encoder layer's input (e.g. a prompt at every layer), and
+`T5.encoder_attention_mask` may restrict the encoder's self-attention (prompt masks).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxH: jax.Array, valid_BxT: jax.Array, *, deterministic: bool,
-               layer_inputs: Optional[LayerInputs] = None) -> jax.Array:
+               layer_inputs: Optional[LayerInputs] = None,
+               attention_mask_BxTxT: Optional[jax.Array] = None) -> jax.Array:
     """Encoded [B, T, H] of embedded inputs [B, T, H] (prompt included) and their mask [B, T].
 
     `layer_inputs(i, x_BxTxH, valid_BxT)`, when given, runs before every encoder layer i: it
@@ -129,6 +131,10 @@ class Encoder(nn.Module):
     whole stack. Its result is cast to the activation dtype. It runs outside the (rematerialised)
     layers, so it may call bound modules of any parent; the final layer norm sees the last
     layer's output unhooked. None changes nothing.
+
+    `attention_mask_BxTxT` (bool, query x key), when given, replaces the padding mask of every
+    self-attention (e.g. a prompt that may not see the inputs, `prompt_masks`); it must mask
+    padding itself. None: every real position sees every real one.
     """
     c = self.config
     dt = c.activation_dtype
@@ -136,7 +142,11 @@ class Encoder(nn.Module):
     relpos_1xNxTxT = RelativePositionBiases(c.relative_attention_num_buckets,
                                             c.relative_attention_max_distance, c.num_heads, dt,
                                             name="relpos_bias")(t, t, bidirectional=True)
-    biases = (relpos_1xNxTxT, attention_mask_bias(valid_BxT, valid_BxT))
+    if attention_mask_BxTxT is None:
+      biases = (relpos_1xNxTxT, attention_mask_bias(valid_BxT, valid_BxT))
+    else:
+      mask_bias = jnp.where(attention_mask_BxTxT[:, None], 0.0, MASK_BIAS).astype(jnp.float32)
+      biases = (relpos_1xNxTxT, mask_bias)
     x = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))(x_BxTxH, deterministic=deterministic)
     x = constrain(x.astype(dt), ("batch", "length", "embed"))
     layer = rematted(EncoderLayer, c.remat_policy, static_argnums=(3,))
@@ -234,13 +244,19 @@ class T5(nn.Module):
       raise TypeError(f"T5 takes no extra encoder arguments, got {sorted(kwargs)}")
     return self.token_embedder(encoder_input_tokens_BxT), encoder_input_tokens_BxT > 0
 
+  # The hook a prompt variant overrides to restrict who sees whom in the encoder: a [B, T', T']
+  # bool mask over its inputs (`encoder_inputs`' mask), or None for the padding mask alone.
+  def encoder_attention_mask(self, valid_BxT: jax.Array) -> Optional[jax.Array]:
+    return None
+
   def encode(self, encoder_input_tokens_BxT: jax.Array, *, enable_dropout: bool = False,
              layer_inputs: Optional[LayerInputs] = None,
              **kwargs: Any) -> tuple[jax.Array, jax.Array]:
     """Returns (encoded [B, T', H], encoder_valid [B, T']); T' includes any prompt."""
     x_BxTxH, valid_BxT = self.encoder_inputs(encoder_input_tokens_BxT, **kwargs)
     encoded = self.encoder(x_BxTxH, valid_BxT, deterministic=not enable_dropout,
-                           layer_inputs=layer_inputs)
+                           layer_inputs=layer_inputs,
+                           attention_mask_BxTxT=self.encoder_attention_mask(valid_BxT))
     return encoded, valid_BxT
 
   def decode(self, encoded_BxTxH: jax.Array, encoder_valid_BxT: jax.Array,

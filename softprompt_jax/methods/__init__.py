@@ -5,3 +5,4 @@ from softprompt_jax.methods.base import (METHODS, Method, PromptTuning, from_des
 
 __all__ = ["METHODS", "Method", "PromptTuning", "from_description", "prompt_tuning",
            "register_method"]
+from softprompt_jax.methods import per_layer  # noqa: E402,F401  (per_layer_prompt, masked_prompt)
