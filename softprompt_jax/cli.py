@@ -19,7 +19,7 @@ import traceback
 import gin
 import jax
 
-from softprompt_jax import __version__, generate, gin_setup, multihost, output_files
+from softprompt_jax import __version__, generate, gin_setup, multihost, output_files, prompt_reports
 from softprompt_jax.checkpoints.convert import convert_checkpoint
 from softprompt_jax.demo import run_demo
 from softprompt_jax.errors import ConfigError, UsageError, is_user_error, one_line
@@ -272,10 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
        ["--gin_file models/tiny.gin --gin_file runs/prompt_infer.gin "
         "--gin.PROMPTS=\"{'taskless_synthetic_sentiment': '/tmp/smoke'}\" "
         "--gin.INPUT_FILE=\"'in.jsonl'\" --gin.OUTPUT_FILE=\"'out.jsonl'\""]),
-      ("interpret", "nearest vocabulary tokens of a run's prompt",
-       "Read a run's prompt and write the vocabulary tokens nearest to each prompt vector to "
-       "interpretation.json in the run directory.",
-       ["--model_dir /tmp/smoke"]),
+      ("interpret", "nearest vocabulary tokens of a run's prompt (and their accuracy)",
+       "Read a run's prompt as the vocabulary tokens nearest to each prompt vector; with "
+       "interpret.task, also evaluate the prompt and its projection onto those tokens (each "
+       "vector replaced by its nearest token's embedding) on interpret.split (default "
+       "validation; data, batch size and lengths default to the run's). Writes "
+       "interpretation.json in the run directory." + gin_note,
+       ["--model_dir /tmp/smoke",
+        "--model_dir /tmp/smoke --gin.interpret.task=\"'taskless_synthetic_sentiment'\""]),
   ]
   for name, summary, description, examples in gin_commands:
     p = command(name, summary, description, examples)
@@ -290,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     if name in MULTI_HOST_COMMANDS:
       _add_multi_host_flags(p)
     p.set_defaults(run=_gin_run)
+  prompt_reports.add_similarity_command(command)
   exp = command("export", "write a run's best (else latest) prompt",
                 "Write a run's best (else latest) prompt as a .npy file ([P, d_model], float32, "
                 "the released prompts' format) or, when --out is not a .npy, as a PEFT adapter "

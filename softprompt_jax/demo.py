@@ -100,8 +100,9 @@ def run_demo(run_dir, *, task_name: str = "sentiment", prompt_length: int = 20,
   prompts.save_npy(run_dir / PROMPT_FILE, prompt)
   shutil.copy(tuned_dir / CURVES_FILE, run_dir / CURVES_FILE)
   reading = nearest_tokens.describe(prompt, frozen["token_embedder"]["embedding"], vocab, k=5)
-  output_files.write_text(run_dir / INTERPRETATION_FILE,
-                          json.dumps(reading, indent=1, ensure_ascii=False))
+  output_files.write_text(run_dir / INTERPRETATION_FILE, json.dumps(  # as `interpret` writes it
+      {"prompt": str(run_dir), "nearest_by": "cosine", "nearest_tokens": reading}, indent=1,
+      ensure_ascii=False))
   summary = {**results, "trainable_parameters": trainable, "task": taskless.name,
              "prompt_length": prompt_length, "steps": steps, "seed": seed,
              "eval_examples": eval_examples, "wall_time_s": round(time.time() - start, 1)}

@@ -17,8 +17,8 @@ from typing import Sequence
 
 import gin
 
-from softprompt_jax import (inference, methods, model_spec, optim, prompts, t5x_compat,
-                            training_loop)
+from softprompt_jax import (inference, methods, model_spec, optim, prompt_reports, prompts,
+                            t5x_compat, training_loop)
 from softprompt_jax.errors import ConfigError
 
 _REGISTERED: dict = {}
@@ -30,7 +30,7 @@ def _entries() -> list:
       (training_loop.train, "train", None, training_loop.TRAIN_RULES),
       (inference.evaluate, "evaluate", None, inference.EVALUATE_RULES),
       (inference.infer, "infer", None, inference.INFER_RULES),
-      (inference.interpret_prompt, "interpret", None, inference.INTERPRET_RULES),
+      (prompt_reports.interpret_prompt, "interpret", None, prompt_reports.INTERPRET_RULES),
       (model_spec.frozen_model, "frozen_model", None, model_spec.FROZEN_MODEL_RULES),
       (optim.adafactor, "adafactor", "optim", optim.ADAFACTOR_RULES),
       (optim.adam, "adam", "optim", optim.ADAM_RULES),

@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from softprompt_jax import config_checks as cc
-from softprompt_jax import nearest_tokens, output_files, prompts
+from softprompt_jax import output_files, prompts
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
 from softprompt_jax.checkpoints.hf import (CONFIG_FILE as HF_CONFIG_FILE, SAFE_ALTERNATIVE,
                                            is_hf_checkpoint, is_pickle_file)
@@ -31,8 +31,7 @@ from softprompt_jax.progress import Progress
 from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 from softprompt_jax.prompts import PromptShapeError
 from softprompt_jax.run_dir import best_prompt, best_trainable, read_meta, required_meta
-from softprompt_jax.run_layout import (CHECKPOINT_SUBDIR, INTERPRETATION_FILE, PROMPT_FILE,
-                                       eval_file)
+from softprompt_jax.run_layout import CHECKPOINT_SUBDIR, PROMPT_FILE, eval_file
 from softprompt_jax.run_setup import (check_vocabulary_fits, load_vocabulary, model_config,
                                       setup_run)
 
@@ -52,10 +51,6 @@ EVALUATE_RULES = {
 INFER_RULES = {
     "model": _MODEL, "prompts": cc.string_mapping(), "input_file": cc.path(),
     "output_file": cc.path(), "vocabulary": cc.text(optional=True), **_SHAPES,
-}
-INTERPRET_RULES = {
-    "model_dir": cc.path(), "model": cc.instance(ModelSpec, "@frozen_model()", optional=True),
-    "vocabulary": cc.text(optional=True), "k": cc.POSITIVE,
 }
 
 
@@ -77,6 +72,12 @@ def _prompt_values(source) -> np.ndarray:
                           f"{PROMPT_FILE} or {CHECKPOINT_SUBDIR}/; give {_PROMPT_SOURCES}")
 
 
+def load_prompt(source) -> np.ndarray:
+  """A prompt as `eval` reads one: a .npy file, a PEFT adapter directory, or a run directory's
+  best (else latest) prompt."""
+  return _prompt_values(source)
+
+
 def run_method(source) -> Method:
   """The method a run directory was trained with (prompt tuning for anything else: a .npy, an
   adapter, a run from before methods existed)."""
@@ -88,7 +89,7 @@ def run_method(source) -> Method:
     raise ConfigError(f"{path}: {e}") from None
 
 
-def _check_prompt_fits(values: np.ndarray, config, source: str) -> None:
+def check_prompt_fits(values: np.ndarray, config, source: str) -> None:
   """A prompt made for another model (another d_model) fails here, before weights are read."""
   shape = tuple(values.shape[:-1]) + (config.emb_dim,)
   prompts.check_fits(prompts.from_array(values, source=source), shape, config.vocab_size,
@@ -110,20 +111,9 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
     raise ConfigError("evaluate needs a prompt: set PROMPT_FILE or --model_dir")
   task = get_task(task)  # before reading anything
   pipeline.check_splits(task, data_source, train=None, evals=(split,), bad_records=bad_records)
-  common = dict(model=model, task=task, vocabulary=vocabulary, prompt_init=prompts.random_uniform,
-                placement="prepend", trainable=(".*",), num_partitions=num_partitions,
-                mesh_shape=None, parameter_partitioning_dims=1, activation_partitioning_dims=1,
-                dropout_rate=0.0, seed=0)
-  method = run_method(source) if prompt_file is None else PromptTuning()
-  if type(method) is PromptTuning:  # the prompt alone: prompt.npy, an adapter, a checkpoint
-    values = _prompt_values(source)
-    setup = setup_run(**common, prompt_length=values.shape[0], prompt_values=values,
-                      prompt_source=str(source))
-  else:  # another method: its whole trained subtree, into the module it builds
-    meta = required_meta(source)
-    setup = setup_run(**{**common, "placement": meta.get("placement", "prepend")},
-                      prompt_length=meta["prompt_length"], method=method,
-                      trained=best_trainable(source))
+  common = eval_settings(model, task, vocabulary, num_partitions)
+  setup = trained_setup(source, run_method(source) if prompt_file is None else PromptTuning(),
+                         common)
   metrics = run_eval(setup, setup.params, split, data_source=data_source, batch_size=batch_size,
                      input_length=input_length, target_length=target_length,
                      max_examples=max_examples, bad_records=bad_records)
@@ -135,6 +125,29 @@ def evaluate(*, model: ModelSpec, task: str, vocabulary=None, model_dir: Optiona
           json.dumps({"task": setup.task.name, "split": split, "prompt": str(source),
                       "metrics": metrics}, indent=2))
   return metrics
+
+
+def eval_settings(model: ModelSpec, task, vocabulary, num_partitions: int = 1) -> dict:
+  """setup_run's settings for evaluating trained values: no dropout, nothing initialized that
+  the trained values do not replace."""
+  return dict(model=model, task=task, vocabulary=vocabulary, prompt_init=prompts.random_uniform,
+              placement="prepend", trainable=(".*",), num_partitions=num_partitions,
+              mesh_shape=None, parameter_partitioning_dims=1, activation_partitioning_dims=1,
+              dropout_rate=0.0, seed=0)
+
+
+def trained_setup(source, method: Method, common: dict):
+  """The run's setup (run_setup.setup_run, `common` its settings) with the trained values of
+  `source`, a prompt or a run directory trained with `method`."""
+  if type(method) is PromptTuning:  # the prompt alone: prompt.npy, an adapter, a checkpoint
+    values = _prompt_values(source)
+    return setup_run(**common, prompt_length=values.shape[0], prompt_values=values,
+                     prompt_source=str(source))
+  # another method: its whole trained subtree, into the module it builds
+  meta = required_meta(source)
+  return setup_run(**{**common, "placement": meta.get("placement", "prepend")},
+                   prompt_length=meta["prompt_length"], method=method,
+                   trained=best_trainable(source))
 
 
 def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, output_file: str,
@@ -155,7 +168,7 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
   config = model_config(model, {"dropout_rate": 0.0})  # metadata only
   check_vocabulary_fits(vocab, config)
   for name in names:
-    _check_prompt_fits(values[name], config, f"PROMPTS[{name!r}] {prompts[name]}")
+    check_prompt_fits(values[name], config, f"PROMPTS[{name!r}] {prompts[name]}")
   shapes = {name: tuple(v.shape) for name, v in values.items()}
   if len(set(shapes.values())) > 1:
     raise PromptShapeError(f"the prompts of a bank must share one shape; PROMPTS has {shapes}")
@@ -252,31 +265,6 @@ def _json_type(value) -> str:
   return names.get(type(value), type(value).__name__)
 
 
-def interpret_prompt(*, model_dir: str, model: Optional[ModelSpec] = None, vocabulary=None,
-                     k: int = 5) -> list:
-  """Nearest vocabulary tokens of each position of the run's prompt; writes
-  MODEL_DIR/interpretation.json. The frozen model and vocabulary default to the run's own."""
-  cc.check("interpret", locals(), INTERPRET_RULES)
-  values = _prompt_values(model_dir)
-  if model is None or vocabulary is None:
-    meta = required_meta(model_dir)
-    if model is None:
-      spec = dict(meta["model"])
-      spec["overrides"] = tuple(sorted(spec["overrides"].items()))
-      model = ModelSpec(**spec)
-    vocabulary = vocabulary or meta.get("vocabulary")
-  vocab = load_vocabulary(vocabulary) if vocabulary else None
-  config = model_config(model, {})  # metadata only
-  if vocab is not None:
-    check_vocabulary_fits(vocab, config)
-  _check_prompt_fits(values, config, str(model_dir))
-  config, frozen = load_frozen(model, None)
-  rows = nearest_tokens.describe(values, frozen["token_embedder"]["embedding"], vocab, k=k)
-  output_files.write_text(pathlib.Path(model_dir) / INTERPRETATION_FILE,
-                          json.dumps(rows, indent=1, ensure_ascii=False))
-  return rows
-
-
 def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = None,
                   peft_num_heads: Optional[int] = None,
                   base_model: Optional[str] = None) -> pathlib.Path:
@@ -295,7 +283,9 @@ def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = Non
     raise FileNotFoundError(f"run directory {model_dir} does not exist")
   out_path = pathlib.Path(out)
   method = run_method(model_dir)
-  if type(method) is not PromptTuning:  # its own format (per-layer prompts, IA3 adapters, ...)
+  # A method with an export of its own writes its format (per-layer prompts, IA3 adapters, ...);
+  # one with a prompt and none (prompt tuning, wayward prompts) exports the prompt.
+  if type(method).export is not Method.export or not method.has_prompt:
     return method.export(pathlib.Path(model_dir), best_trainable(model_dir),
                          required_meta(model_dir), out_path, base_model=base_model)
   to_npy = out_path.suffix == ".npy" or output_files.is_stream(out)

@@ -63,7 +63,7 @@ def test_eval_infer_export_interpret(trained, tmp_path, capsys):
   assert rows[2]["inputs"] == "awful sad" and all(isinstance(r["prediction"], str) for r in rows)
 
   assert main(["interpret", "--model_dir", str(trained)]) == 0
-  reading = json.loads((trained / "interpretation.json").read_text())
+  reading = json.loads((trained / "interpretation.json").read_text())["nearest_tokens"]
   assert len(reading) == 4 and len(reading[0]["ids"]) == 5
 
 

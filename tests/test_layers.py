@@ -13,14 +13,14 @@ LAYERS = [
     ("config and math", ["t5_config", "t5_layers", "t5", "losses", "optim", "tokenizers",
                          "metrics", "flops"]),
     ("model variants", ["prompt_init", "prompt_masks", "prompted_t5", "decoding",
-                        "nearest_tokens", "ensemble"]),
+                        "nearest_tokens", "ensemble", "prompt_similarity"]),
     ("steps and sharding", ["partitioning", "train_step", "preemption", "multihost"]),
     ("checkpoints and data", ["checkpoints", "data", "model_spec", "peft_interop", "prompts",
                               "pretrained", "methods"]),
     ("the run", ["run_setup", "evaluation", "training_loop", "run_dir", "run_log",
                  "run_summary", "curves", "tensorboard_events", "progress", "run_lock"]),
-    ("commands", ["inference", "demo", "generate", "t5x_compat", "gin_setup", "cli",
-                  "__main__"]),
+    ("commands", ["inference", "prompt_reports", "demo", "generate", "t5x_compat", "gin_setup",
+                  "cli", "__main__"]),
 ]
 MAX_LINES = 450
 MAX_TRAINING_LOOP_LINES = 250

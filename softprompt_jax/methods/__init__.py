@@ -6,3 +6,4 @@ from softprompt_jax.methods.base import (METHODS, Method, PromptTuning, from_des
 __all__ = ["METHODS", "Method", "PromptTuning", "from_description", "prompt_tuning",
            "register_method"]
 from softprompt_jax.methods import per_layer  # noqa: E402,F401  (per_layer_prompt, masked_prompt)
+from softprompt_jax.methods import wayward  # noqa: E402,F401  (registers @methods.wayward)
