@@ -7,3 +7,4 @@ __all__ = ["METHODS", "Method", "PromptTuning", "from_description", "prompt_tuni
            "register_method"]
 from softprompt_jax.methods import per_layer  # noqa: E402,F401  (per_layer_prompt, masked_prompt)
 from softprompt_jax.methods import wayward  # noqa: E402,F401  (registers @methods.wayward)
+from softprompt_jax.methods import ia3  # noqa: E402,F401  (registers @methods.ia3)
