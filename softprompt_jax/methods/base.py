@@ -31,6 +31,8 @@ class Method:
   trainable: ClassVar[tuple[str, ...]] = optim.PROMPT_ONLY
   # Whether the run's prompt (prompt_length, prompt_init, prompt.npy) belongs to this method.
   has_prompt: ClassVar[bool] = True
+  # Whether it trains on a mixture (train.task a list; `model` gets num_prompts = its size).
+  mixes_tasks: ClassVar[bool] = False
 
   def model(self, config, *, prompt_length: int, prompt_init: Callable,
             num_prompts: Optional[int] = None, placement: str = "prepend") -> nn.Module:
@@ -84,6 +86,12 @@ def prompt_tuning() -> Method:
 
 
 register_method("prompt_tuning", prompt_tuning, {})
+
+
+def is_prompt_only(method: Method) -> bool:
+  """Whether a method's learned part is its prompt alone, used as prompt tuning's is (a
+  prompt.npy, a PEFT prompt adapter, a bank entry): it has a prompt and no export of its own."""
+  return method.has_prompt and type(method).export is Method.export
 
 
 def from_description(description: Optional[dict]) -> Method:
