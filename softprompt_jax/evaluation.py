@@ -9,6 +9,7 @@ import numpy as np
 
 from softprompt_jax import decoding, progress
 from softprompt_jax.data import pipeline
+from softprompt_jax.data.mixtures import mixture_of
 from softprompt_jax.errors import ConfigError
 
 
@@ -56,23 +57,39 @@ def run_eval(setup, params, split: str, *, data_source, batch_size: int, input_l
   (run_setup.Setup), and the counts of what was evaluated, as training reports its own:
   `num_examples`, `num_truncated_inputs` / `num_truncated_targets` (longer than input_length /
   target_length, so cut) and, with bad_records='skip', `num_skipped_records`. A long pass
-  shows its progress on stderr."""
-  stream = pipeline.eval_batches(setup.task, split, setup.vocabulary, source=data_source,
+  shows its progress on stderr. A mixture (data.mixtures.TaskMixture) evaluates each task with
+  its own prompt id; see TaskMixture.metrics for the keys."""
+  shapes = dict(batch_size=batch_size, input_length=input_length, target_length=target_length,
+                max_examples=max_examples, bad_records=bad_records)
+  mixture = mixture_of(setup.task)
+  if mixture is None:
+    return _task_eval(setup, params, setup.task, split, data_source, None, **shapes)
+  sources = pipeline.mixture_sources(mixture, data_source)
+  return mixture.metrics({task.name: _task_eval(setup, params, task, split, source, k, **shapes)
+                          for k, (task, source) in enumerate(zip(mixture, sources))})
+
+
+def _task_eval(setup, params, task, split: str, source, prompt_id: Optional[int], *,
+               batch_size: int, input_length: int, target_length: int,
+               max_examples: Optional[int], bad_records: str) -> dict:
+  stream = pipeline.eval_batches(task, split, setup.vocabulary, source=source,
                                  batch_size=batch_size, input_length=input_length,
                                  target_length=target_length, max_examples=max_examples,
-                                 bad_records=bad_records)
+                                 bad_records=bad_records, prompt_id=prompt_id)
   examples, predictions = [], []
-  with progress.Progress(f"eval {split}", stream.num_examples) as shown:
+  label = f"eval {split}" if prompt_id is None else f"eval {split} {task.name}"
+  with progress.Progress(label, stream.num_examples) as shown:
     for batch in stream:
-      texts = predict(setup.model, params, setup.task, batch.arrays, setup.vocabulary,
-                      target_length)
+      ids = {} if prompt_id is None else {"prompt_ids": batch.arrays["prompt_ids"]}
+      texts = predict(setup.model, params, task, batch.arrays, setup.vocabulary, target_length,
+                      **ids)
       real = [i for i, keep in enumerate(batch.mask) if keep]
       examples += [batch.examples[i] for i in real]
       predictions += [texts[i] for i in real]
       shown.update(len(examples))
   if not examples:
-    raise ConfigError(f"{setup.task.name}: split {split!r} has no examples to evaluate")
-  metrics = setup.task.evaluate(examples, predictions)
+    raise ConfigError(f"{task.name}: split {split!r} has no examples to evaluate")
+  metrics = task.evaluate(examples, predictions)
   metrics["num_examples"] = float(len(examples))
   metrics["num_truncated_inputs"] = float(stream.stats.num_truncated_inputs)
   metrics["num_truncated_targets"] = float(stream.stats.num_truncated_targets)

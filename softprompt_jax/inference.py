@@ -23,7 +23,7 @@ from softprompt_jax.data.readers import located_records
 from softprompt_jax.data.tasks import RecordError
 from softprompt_jax.errors import ConfigError, UsageError
 from softprompt_jax.evaluation import decode_in_batches, run_eval
-from softprompt_jax.methods import Method, PromptTuning, from_description, is_prompt_only
+from softprompt_jax.methods import Method, PromptTuning, from_description
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.paths import is_url, local_path
 from softprompt_jax.peft_interop import ADAPTER_CONFIG, load_peft_adapter, save_peft_adapter
@@ -54,19 +54,10 @@ INFER_RULES = {
 }
 
 
-def _prompt_values(source, *, part_of_run: bool = False) -> np.ndarray:
+def _prompt_values(source) -> np.ndarray:
   """A prompt from a `.npy` file, a PEFT adapter directory, or a run directory; pickles are
-  refused by name, and any other file must be a plain .npy array. A run whose method learned
-  more than a prompt (per-layer prompts, a mask, IA3) is refused: its prompt alone would
-  silently be another model; `part_of_run` (reading the prompt, not running it) allows it."""
+  refused by name, and any other file must be a plain .npy array."""
   path = local_path(source, "the prompt")
-  method = run_method(path) if path.is_dir() else PromptTuning()
-  if not method.has_prompt:
-    raise ConfigError(f"{path} was trained with method {method.name}, which has no prompt; "
-                      "evaluate it with --model_dir, or export it")
-  if not (part_of_run or is_prompt_only(method)):
-    raise ConfigError(f"{path} was trained with method {method.name}, which learned more than "
-                      "a prompt; evaluate it with --model_dir (not as a prompt), or export it")
   if not path.exists():
     raise FileNotFoundError(f"prompt {path} does not exist; give {_PROMPT_SOURCES}")
   if path.is_file():
@@ -82,9 +73,9 @@ def _prompt_values(source, *, part_of_run: bool = False) -> np.ndarray:
 
 
 def load_prompt(source) -> np.ndarray:
-  """A prompt to read (interpret, similarity): a .npy file, a PEFT adapter directory, or a run
-  directory's best (else latest) input prompt, whatever else its method learned."""
-  return _prompt_values(source, part_of_run=True)
+  """A prompt as `eval` reads one: a .npy file, a PEFT adapter directory, or a run directory's
+  best (else latest) prompt."""
+  return _prompt_values(source)
 
 
 def run_method(source) -> Method:
@@ -148,7 +139,7 @@ def eval_settings(model: ModelSpec, task, vocabulary, num_partitions: int = 1) -
 def trained_setup(source, method: Method, common: dict):
   """The run's setup (run_setup.setup_run, `common` its settings) with the trained values of
   `source`, a prompt or a run directory trained with `method`."""
-  if is_prompt_only(method):  # the prompt alone: prompt.npy, an adapter, a checkpoint
+  if type(method) is PromptTuning:  # the prompt alone: prompt.npy, an adapter, a checkpoint
     values = _prompt_values(source)
     return setup_run(**common, prompt_length=values.shape[0], prompt_values=values,
                      prompt_source=str(source))
@@ -294,7 +285,7 @@ def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = Non
   method = run_method(model_dir)
   # A method with an export of its own writes its format (per-layer prompts, IA3 adapters, ...);
   # one with a prompt and none (prompt tuning, wayward prompts) exports the prompt.
-  if not is_prompt_only(method):
+  if type(method).export is not Method.export or not method.has_prompt:
     return method.export(pathlib.Path(model_dir), best_trainable(model_dir),
                          required_meta(model_dir), out_path, base_model=base_model)
   to_npy = out_path.suffix == ".npy" or output_files.is_stream(out)

@@ -17,6 +17,7 @@ from softprompt_jax.checkpoints import loading
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
 from softprompt_jax.checkpoints.integrity import same_model
 from softprompt_jax.data import get_task
+from softprompt_jax.data.mixtures import mixture_of
 from softprompt_jax.errors import ConfigError
 from softprompt_jax.model_spec import ModelSpec, load_frozen
 from softprompt_jax.methods import Method, PromptTuning
@@ -117,7 +118,7 @@ def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_
   `trained`, a trained subtree (a run's best), replaces those params' initial values.
   """
   method = method if method is not None else PromptTuning()
-  task = get_task(task) if isinstance(task, str) else task
+  task = run_task(task, method, trained)
   vocabulary = load_vocabulary(vocabulary)
   try:
     partitioner = partitioning.Partitioner.create(
@@ -156,7 +157,8 @@ def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_
     prompts.check_fits(fixed or init, shape, config.vocab_size, config.emb_dim)
   if prompt_length or not method.has_prompt:
     net = method.model(config, prompt_length=prompt_length, prompt_init=init,
-                       num_prompts=num_prompts, placement=placement)
+                       num_prompts=len(task) if method.mixes_tasks else num_prompts,
+                       placement=placement)
   else:
     net = T5(config)
   config, frozen_params = load_frozen(model, partitioner, **overrides)
@@ -171,6 +173,36 @@ def setup_run(*, model: ModelSpec, task, vocabulary, prompt_length: int, prompt_
   except ValueError as e:  # no path matches: nothing would train
     raise ConfigError(f"trainable: {e}") from None
   return Setup(task, vocabulary, partitioner, config, net, params, labels)
+
+
+def _is_task(value, mixture_ok: bool = True) -> bool:
+  """A task (a name or a Task), or a list of distinct ones: a mixture (methods.multi_task)."""
+  if mixture_ok and isinstance(value, (list, tuple)):
+    names = [getattr(v, "name", v) for v in value]
+    return bool(value) and all(_is_task(v, False) for v in value) and len(set(names)) == len(value)
+  return (isinstance(value, str) and bool(value)) or hasattr(value, "evaluate")
+
+
+# train.task's rule (training_loop.TRAIN_RULES).
+TASK_RULE = cc.Rule("a task name, or a list of distinct task names (a mixture)", _is_task)
+
+
+def run_task(task, method: Method, trained: Optional[dict] = None):
+  """The run's task (a name or a Task) or, for a method that trains a prompt per task, its
+  mixture (a list of them: a `TaskMixture`); the other pairings are ConfigErrors."""
+  mixture = mixture_of(task)
+  if mixture is not None and not method.mixes_tasks:
+    raise ConfigError(f"train.task lists {len(mixture)} tasks (a mixture); a prompt per task "
+                      f"needs train.method = @methods.multi_task_prompt() (method {method.name} "
+                      "trains one prompt); or give one task")
+  if mixture is None and method.mixes_tasks:
+    if trained is not None:  # eval of such a run: its prompts are per task, exported
+      raise ConfigError(f"this run trained a prompt per task ({method.name}): export them "
+                        "(softprompt-jax export --model_dir RUN --out DIR writes DIR/<task>.npy) "
+                        "and evaluate one with PROMPT_FILE=DIR/<task>.npy")
+    raise ConfigError(f"method {method.name} trains a prompt per task of a mixture: set "
+                      "train.task to a list of task names (TASKS = ['task_a', 'task_b'])")
+  return mixture if mixture is not None else get_task(task)
 
 
 RUN_IDENTITY = ("task", "prompt_length", "trainable", "model_fingerprint", "seed",

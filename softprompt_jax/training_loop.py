@@ -31,7 +31,7 @@ from softprompt_jax.prompted_t5 import PLACEMENTS
 from softprompt_jax.run_dir import completed_summary, last_logged_loss, write_results
 from softprompt_jax.run_layout import CHECKPOINT_SUBDIR
 from softprompt_jax.run_log import RunLog
-from softprompt_jax.run_setup import check_same_run, data_identity, setup_run
+from softprompt_jax.run_setup import TASK_RULE, check_same_run, data_identity, setup_run
 
 ALREADY_COMPLETE = "already_complete"  # in train's result: a rerun that changed nothing
 
@@ -40,14 +40,10 @@ def _is_optimizer(value) -> bool:
   return callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))
 
 
-def _is_task(value) -> bool:
-  return (isinstance(value, str) and bool(value)) or hasattr(value, "evaluate")
-
-
 # What each of train's parameters accepts (checked first thing, before anything is read).
 TRAIN_RULES = {
     "model_dir": cc.path(), "model": cc.instance(ModelSpec, "@frozen_model()"),
-    "task": cc.Rule("a task name", _is_task), "vocabulary": cc.text(optional=True),
+    "task": TASK_RULE, "vocabulary": cc.text(optional=True),
     "data_source": cc.data_source(), "prompt_length": cc.integer(0),
     "prompt_init": cc.function("an initializer such as @prompts.class_labels"),
     "placement": cc.one_of(*PLACEMENTS), "trainable": cc.texts(optional=True),
@@ -102,7 +98,7 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   trainable = method.trainable if trainable is None else trainable
   model_dir = paths.local_path(model_dir, "train.model_dir")  # `~` expanded; a URL refused
   _check_train_values(model_dir, prompt_length, trainable)
-  finished = completed_summary(model_dir, num_steps, prompt_length)
+  finished = completed_summary(model_dir, num_steps, prompt_length if method.has_prompt else 0)
   if finished is not None:  # a rerun of a finished run: every file stays as it is
     print(f"{model_dir}: already complete at step {finished['steps']}; nothing to do",
           file=sys.stderr, flush=True)

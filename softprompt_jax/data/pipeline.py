@@ -10,6 +10,9 @@ Evaluation is one pass in order; the last batch is filled with empty (all-pad) r
 `Batch.mask` marks. Arrays are what the train / eval steps eat: `encoder_input_tokens` [R, T],
 `decoder_input_tokens` and `decoder_target_tokens` [R, S] (EOS appended after trimming, as
 seqio's append_eos_after_trim), and `prompt_ids` [R] for a prompt bank.
+
+A `TaskMixture` (data.mixtures) is the tasks of a run that trains one prompt per task: its
+batches always carry `prompt_ids` (each example's task's index in the mixture).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from softprompt_jax.data import cache
+from softprompt_jax.data.mixtures import TaskMixture, mixture_of
 from softprompt_jax.data.readers import DataError, SkipLog, Source, load_split
 from softprompt_jax.data.tasks import RecordError, Task, get_task
 from softprompt_jax.t5 import shift_right
@@ -204,7 +208,11 @@ def _resolve_sources(tasks: Sequence[Task], source) -> list[Source]:
     sources = [source.get(name) for name in names]
   elif len(tasks) > 1 and source is not None:
     if not isinstance(source, (list, tuple)) or len(source) != len(tasks):
-      raise ValueError("for a mixture, source is a dict by task name or a list, one per task")
+      # A DataError (DATA on the command line): a user's error, still a ValueError.
+      got = (f"a dict with keys {sorted(source)}" if isinstance(source, dict)
+             else f"a {type(source).__name__}")
+      raise DataError(f"the data of a mixture of {names} is a dict by task name (each a file, "
+                      f"a directory or a dict by split) or a list, one per task; got {got}")
     sources = list(source)
   else:
     sources = [source] if len(tasks) == 1 else [None] * len(tasks)
@@ -283,24 +291,30 @@ def _read_examples(task: Task, split: str, source: Source, *, training: bool,
   return examples
 
 
-def check_splits(task: str | Task, source: Source = None, *, train: str | None = "train",
-                 evals: Sequence[str] = ("validation",), bad_records: str = "error"
-                 ) -> dict[str, int]:
+def check_splits(task: str | Task | Sequence[str | Task], source: Source = None, *,
+                 train: str | None = "train", evals: Sequence[str] = ("validation",),
+                 bad_records: str = "error") -> dict[str, int]:
   """Reads and formats every record of the splits a run will use, as it will use them (the
   training split as training data, each eval split with its labels required unless it is a
   test split, the same bad-records policy), so that a bad record or an empty split stops the
   run before its first step instead of at its first evaluation. Tokenizes nothing; the
-  examples stay cached for the run's iterators. Returns the number of examples of each split.
+  examples stay cached for the run's iterators. Returns the number of examples of each split
+  (for a mixture, a list of tasks: over all its tasks, each read from its own source).
   """
   check_bad_records(bad_records)
-  task = get_task(task)
-  (source,) = _resolve_sources([task], source)
+  tasks = list(mixture_of(task) or [get_task(task)])
   skip = SkipLog() if bad_records == "skip" else None
   splits = ([(train, True, True)] if train is not None else []) + [
       (split, False, not split.startswith("test")) for split in evals]
-  return {split: len(load_examples(task, split, source, training=training,
-                                   require_label=require_label, skip=skip))
+  return {split: sum(len(load_examples(t, split, s, training=training,
+                                       require_label=require_label, skip=skip))
+                     for t, s in zip(tasks, _resolve_sources(tasks, source)))
           for split, training, require_label in dict.fromkeys(splits)}
+
+
+def mixture_sources(mixture: TaskMixture, source: Source) -> list[Source]:
+  """Each task's source in a mixture (`source`: a dict by task name, a list, or None)."""
+  return _resolve_sources(list(mixture), source)
 
 
 def get_batches(task: str | Task | Sequence[str | Task], split: str,
@@ -318,7 +332,8 @@ def get_batches(task: str | Task | Sequence[str | Task], split: str,
   source: where the records are (readers.load_split); default the task's built-in data. For
     a mixture, a dict by task name or a list, one per task.
   prompt_id: adds `prompt_ids`: one id for a single task; for a mixture, one per task (default
-    0, 1, ...), each example carrying its task's id.
+    0, 1, ...; a TaskMixture, even of one task, always has them), each example carrying its
+    task's id.
   mixing: "proportional" (one stream of all examples, so each task in proportion to its size)
     or "round_robin" (tasks take turns, example by example); eval passes go task by task.
   require_labels: a record without its label is an error (default: unless split is test*).
@@ -340,7 +355,7 @@ def get_batches(task: str | Task | Sequence[str | Task], split: str,
   repeat = split == "train" if repeat is None else repeat
   shuffle = repeat if shuffle is None else shuffle
   require_labels = not split.startswith("test") if require_labels is None else require_labels
-  if prompt_id is None and len(tasks) > 1:
+  if prompt_id is None and (len(tasks) > 1 or isinstance(task, TaskMixture)):
     prompt_id = list(range(len(tasks)))
   if prompt_id is not None:
     prompt_ids = [prompt_id] if isinstance(prompt_id, int) else list(prompt_id)
