@@ -4,7 +4,6 @@ read one as nearest tokens, export one. Plain functions, bound by gin like `trai
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 from typing import Mapping, Optional
@@ -16,17 +15,18 @@ from jax.experimental import multihost_utils
 from softprompt_jax import config_checks as cc
 from softprompt_jax import output_files, prompts
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
-from softprompt_jax.checkpoints.hf import (CONFIG_FILE as HF_CONFIG_FILE, SAFE_ALTERNATIVE,
-                                           is_hf_checkpoint, is_pickle_file)
+from softprompt_jax.checkpoints.hf import (SAFE_ALTERNATIVE,
+                                           is_pickle_file)
 from softprompt_jax.data import get_task, pipeline
 from softprompt_jax.data.readers import located_records
 from softprompt_jax.data.tasks import RecordError
 from softprompt_jax.errors import ConfigError, UsageError
 from softprompt_jax.evaluation import decode_in_batches, run_eval
-from softprompt_jax.methods import Method, PromptTuning, from_description
+from softprompt_jax.methods import Method, PromptTuning, from_description, is_prompt_only
 from softprompt_jax.model_spec import ModelSpec, load_frozen
-from softprompt_jax.paths import is_url, local_path
-from softprompt_jax.peft_interop import ADAPTER_CONFIG, load_peft_adapter, save_peft_adapter
+from softprompt_jax.paths import local_path
+from softprompt_jax.peft_interop import (ADAPTER_CONFIG, adapter_base_model, load_peft_adapter,
+                                         save_peft_adapter)
 from softprompt_jax.progress import Progress
 from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 from softprompt_jax.prompts import PromptShapeError
@@ -54,10 +54,19 @@ INFER_RULES = {
 }
 
 
-def _prompt_values(source) -> np.ndarray:
+def _prompt_values(source, *, part_of_run: bool = False) -> np.ndarray:
   """A prompt from a `.npy` file, a PEFT adapter directory, or a run directory; pickles are
-  refused by name, and any other file must be a plain .npy array."""
+  refused by name, and any other file must be a plain .npy array. A run whose method learned
+  more than a prompt (per-layer prompts, a mask, IA3) is refused: its prompt alone would
+  silently be another model; `part_of_run` (reading the prompt, not running it) allows it."""
   path = local_path(source, "the prompt")
+  method = run_method(path) if path.is_dir() else PromptTuning()
+  if not method.has_prompt:
+    raise ConfigError(f"{path} was trained with method {method.name}, which has no prompt; "
+                      "evaluate it with --model_dir, or export it")
+  if not (part_of_run or is_prompt_only(method)):
+    raise ConfigError(f"{path} was trained with method {method.name}, which learned more than "
+                      "a prompt; evaluate it with --model_dir (not as a prompt), or export it")
   if not path.exists():
     raise FileNotFoundError(f"prompt {path} does not exist; give {_PROMPT_SOURCES}")
   if path.is_file():
@@ -73,9 +82,9 @@ def _prompt_values(source) -> np.ndarray:
 
 
 def load_prompt(source) -> np.ndarray:
-  """A prompt as `eval` reads one: a .npy file, a PEFT adapter directory, or a run directory's
-  best (else latest) prompt."""
-  return _prompt_values(source)
+  """A prompt to read (interpret, similarity): a .npy file, a PEFT adapter directory, or a run
+  directory's best (else latest) input prompt, whatever else its method learned."""
+  return _prompt_values(source, part_of_run=True)
 
 
 def run_method(source) -> Method:
@@ -139,7 +148,7 @@ def eval_settings(model: ModelSpec, task, vocabulary, num_partitions: int = 1) -
 def trained_setup(source, method: Method, common: dict):
   """The run's setup (run_setup.setup_run, `common` its settings) with the trained values of
   `source`, a prompt or a run directory trained with `method`."""
-  if type(method) is PromptTuning:  # the prompt alone: prompt.npy, an adapter, a checkpoint
+  if is_prompt_only(method):  # the prompt alone: prompt.npy, an adapter, a checkpoint
     values = _prompt_values(source)
     return setup_run(**common, prompt_length=values.shape[0], prompt_values=values,
                      prompt_source=str(source))
@@ -285,7 +294,7 @@ def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = Non
   method = run_method(model_dir)
   # A method with an export of its own writes its format (per-layer prompts, IA3 adapters, ...);
   # one with a prompt and none (prompt tuning, wayward prompts) exports the prompt.
-  if type(method).export is not Method.export or not method.has_prompt:
+  if not is_prompt_only(method):
     return method.export(pathlib.Path(model_dir), best_trainable(model_dir),
                          required_meta(model_dir), out_path, base_model=base_model)
   to_npy = out_path.suffix == ".npy" or output_files.is_stream(out)
@@ -298,10 +307,8 @@ def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = Non
     return out_path
   meta = required_meta(model_dir)
   meta_config = meta["config"]
-  if base_model is not None:
-    base = _base_model_name(base_model, "--base_model", values.shape[-1])
-  else:
-    base = _run_base_model(meta.get("model") or {}, values.shape[-1])
+  base = adapter_base_model(base_model, (meta.get("model") or {}).get("checkpoint"),
+                            values.shape[-1])
   adapter = save_peft_adapter(out_path, values,
                               num_layers=peft_num_layers or meta_config["num_encoder_layers"],
                               num_heads=peft_num_heads or meta_config["num_heads"],
@@ -313,42 +320,3 @@ def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = Non
           "google/t5-v1_1-base, or a local Hugging Face T5 directory), or load it with "
           "PeftModel.from_pretrained(model, adapter)", file=sys.stderr, flush=True)
   return adapter
-
-
-def _base_model_name(name: str, what: str, width: int) -> str:
-  """`name` as an adapter's base_model_name_or_path: an existing local Hugging Face directory
-  absolute (checked against the prompt's width), anything else as given (a hub id)."""
-  if is_url(name):
-    raise UsageError(f"{what} {name!r} is a URL; give a hub id (org/name) or a local Hugging "
-                     "Face model directory")
-  path = local_path(name, what)
-  if not path.exists():
-    if name.startswith(("/", ".", "~")):  # a path, not a hub id: a typo must not pass
-      raise FileNotFoundError(f"{what} {name}: no such directory; give a hub id (org/name) or "
-                              "a local Hugging Face model directory")
-    return name
-  if not (path.is_dir() and (path / HF_CONFIG_FILE).is_file()):
-    raise UsageError(f"{what} {path} is not a Hugging Face model directory (no {HF_CONFIG_FILE}"
-                     "); give one, or a hub id")
-  try:
-    d_model = json.loads((path / HF_CONFIG_FILE).read_text()).get("d_model")
-  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-    raise CheckpointError(f"{path / HF_CONFIG_FILE}: not a readable config ({e})") from None
-  if d_model is not None and d_model != width:
-    raise PromptShapeError(f"{what} {path} has d_model {d_model} but the prompt is {width} wide; "
-                           "give the model the prompt was trained with")
-  return os.path.abspath(path)  # PEFT loads it from any working directory; symlinks kept
-
-
-def _run_base_model(model: dict, width: int) -> Optional[str]:
-  """The run's frozen checkpoint as a base model name when it is a Hugging Face directory
-  (or a file in one) that is still there; else None."""
-  checkpoint = model.get("checkpoint")
-  if not checkpoint:
-    return None
-  path = local_path(checkpoint, "the run's frozen_model.checkpoint")
-  directory = path.parent if path.is_file() else path
-  if not (directory.is_dir() and is_hf_checkpoint(directory)
-          and (directory / HF_CONFIG_FILE).is_file()):
-    return None
-  return _base_model_name(str(directory), "the run's frozen_model.checkpoint", width)

@@ -12,6 +12,7 @@ the encoder input: the decoder half is never used, so reading the first half is 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Optional
 
@@ -19,6 +20,9 @@ import numpy as np
 
 from softprompt_jax import output_files
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
+from softprompt_jax.checkpoints.hf import CONFIG_FILE as HF_CONFIG_FILE, is_hf_checkpoint
+from softprompt_jax.errors import UsageError
+from softprompt_jax.paths import is_url, local_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -117,3 +121,44 @@ def _submodules(config: dict, config_path: pathlib.Path) -> Optional[int]:
                           "is a T5 encoder prompt. Re-create the PEFT config with "
                           "task_type='SEQ_2_SEQ_LM' and num_transformer_submodules=1")
   return submodules
+
+
+def adapter_base_model(base_model: Optional[str], run_checkpoint: Optional[str],
+                       width: int) -> Optional[str]:
+  """An adapter's base_model_name_or_path (what AutoPeftModel loads): `base_model` (a hub id as
+  given; a local Hugging Face directory absolute, its d_model checked against `width`), else the
+  run's frozen checkpoint when that is a Hugging Face directory (or a file in one) still there,
+  else None."""
+  if base_model is not None:
+    return _base_model_name(base_model, "--base_model", width)
+  if not run_checkpoint:
+    return None
+  path = local_path(run_checkpoint, "the run's frozen_model.checkpoint")
+  directory = path.parent if path.is_file() else path
+  if not (directory.is_dir() and is_hf_checkpoint(directory)
+          and (directory / HF_CONFIG_FILE).is_file()):
+    return None
+  return _base_model_name(str(directory), "the run's frozen_model.checkpoint", width)
+
+
+def _base_model_name(name: str, what: str, width: int) -> str:
+  if is_url(name):
+    raise UsageError(f"{what} {name!r} is a URL; give a hub id (org/name) or a local Hugging "
+                     "Face model directory")
+  path = local_path(name, what)
+  if not path.exists():
+    if name.startswith(("/", ".", "~")):  # a path, not a hub id: a typo must not pass
+      raise FileNotFoundError(f"{what} {name}: no such directory; give a hub id (org/name) or "
+                              "a local Hugging Face model directory")
+    return name
+  if not (path.is_dir() and (path / HF_CONFIG_FILE).is_file()):
+    raise UsageError(f"{what} {path} is not a Hugging Face model directory (no {HF_CONFIG_FILE}"
+                     "); give one, or a hub id")
+  try:
+    d_model = json.loads((path / HF_CONFIG_FILE).read_text()).get("d_model")
+  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+    raise CheckpointError(f"{path / HF_CONFIG_FILE}: not a readable config ({e})") from None
+  if d_model is not None and d_model != width:
+    raise CheckpointError(f"{what} {path} has d_model {d_model} but the run's model is {width} "
+                          "wide; give the model the run was trained with")
+  return os.path.abspath(path)  # PEFT loads it from any working directory; symlinks kept

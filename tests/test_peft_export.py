@@ -111,7 +111,7 @@ def test_base_model_flag(exported, tmp_path, monkeypatch, capsys):
   (other / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 999}))
   for out, base, expected in [("missing", "./no_such_model", "no such directory"),
                               ("not_hf", str(tmp_path), "not a Hugging Face model directory"),
-                              ("wider", str(other), "has d_model 999 but the prompt is 16 wide"),
+                              ("wider", str(other), "has d_model 999 but the run's model is 16"),
                               ("p.npy", "google/t5-v1_1-small", "plain .npy prompt")]:
     code, err = export(out, "--base_model", base)
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err

@@ -18,7 +18,6 @@ ones, as PEFT leaves them unscaled.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from typing import Optional
 
@@ -27,9 +26,6 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax import output_files
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
-from softprompt_jax.checkpoints.hf import CONFIG_FILE as HF_CONFIG_FILE, is_hf_checkpoint
-from softprompt_jax.errors import UsageError
-from softprompt_jax.paths import is_url, local_path
 from softprompt_jax.t5_config import T5Config
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -176,44 +172,3 @@ def _our_vector(key: str, array: np.ndarray, config: T5Config,
                           f"({config.num_heads} heads of {config.head_dim}, d_ff "
                           f"{config.mlp_dim}) the vector that {what} is {expected}")
   return path, array.reshape(shape)
-
-
-def adapter_base_model(base_model: Optional[str], run_checkpoint: Optional[str],
-                       width: int) -> Optional[str]:
-  """An adapter's base_model_name_or_path, as prompt-tuning's export names it: `base_model` (a
-  hub id as given; a local Hugging Face directory absolute, its d_model checked against
-  `width`), else the run's frozen checkpoint when that is a Hugging Face directory still
-  there, else None."""
-  if base_model is not None:
-    return _base_model_name(base_model, "--base_model", width)
-  if not run_checkpoint:
-    return None
-  path = local_path(run_checkpoint, "the run's frozen_model.checkpoint")
-  directory = path.parent if path.is_file() else path
-  if not (directory.is_dir() and is_hf_checkpoint(directory)
-          and (directory / HF_CONFIG_FILE).is_file()):
-    return None
-  return _base_model_name(str(directory), "the run's frozen_model.checkpoint", width)
-
-
-def _base_model_name(name: str, what: str, width: int) -> str:
-  if is_url(name):
-    raise UsageError(f"{what} {name!r} is a URL; give a hub id (org/name) or a local Hugging "
-                     "Face model directory")
-  path = local_path(name, what)
-  if not path.exists():
-    if name.startswith(("/", ".", "~")):  # a path, not a hub id: a typo must not pass
-      raise FileNotFoundError(f"{what} {name}: no such directory; give a hub id (org/name) or "
-                              "a local Hugging Face model directory")
-    return name
-  if not (path.is_dir() and (path / HF_CONFIG_FILE).is_file()):
-    raise UsageError(f"{what} {path} is not a Hugging Face model directory (no {HF_CONFIG_FILE}"
-                     "); give one, or a hub id")
-  try:
-    d_model = json.loads((path / HF_CONFIG_FILE).read_text()).get("d_model")
-  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-    raise CheckpointError(f"{path / HF_CONFIG_FILE}: not a readable config ({e})") from None
-  if d_model is not None and d_model != width:
-    raise CheckpointError(f"{what} {path} has d_model {d_model} but the run's model is {width} "
-                          "wide; give the model the run was trained with")
-  return os.path.abspath(path)  # PEFT loads it from any working directory; symlinks kept

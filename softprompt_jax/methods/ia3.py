@@ -35,6 +35,7 @@ from softprompt_jax.checkpoints import peft_ia3
 from softprompt_jax.errors import ConfigError, UsageError
 from softprompt_jax.methods.base import Method, register_method
 from softprompt_jax.paths import local_path
+from softprompt_jax.peft_interop import adapter_base_model
 from softprompt_jax.t5 import T5
 from softprompt_jax.t5_config import T5Config
 from softprompt_jax.t5_layers import MLP, MultiHeadAttention, param_with_axes
@@ -118,7 +119,7 @@ class IA3(Method):
       raise UsageError(f"--out {out}: an IA3 run exports a PEFT adapter directory, not a "
                        "prompt file; give a directory")
     config = T5Config.from_dict(meta["config"])
-    base = peft_ia3.adapter_base_model(base_model, (meta.get("model") or {}).get("checkpoint"),
+    base = adapter_base_model(base_model, (meta.get("model") or {}).get("checkpoint"),
                                        config.emb_dim)
     adapter = peft_ia3.save_ia3_adapter(out, trained, config, base_model_name_or_path=base)
     if base is None:
