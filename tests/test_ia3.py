@@ -191,6 +191,10 @@ def test_smoke_ia3_trains_evaluates_and_exports_an_adapter(trained, tmp_path, ca
     np.testing.assert_array_equal(read[path], vectors[path])
   assert main(["export", "--model_dir", str(trained), "--out", str(tmp_path / "x.npy")]) == 2
   assert "exports a PEFT adapter directory" in capsys.readouterr().err
+  # No prompt to read: interpret (and a prompt file, a bank entry) refuse it in one line.
+  assert main(["interpret", "--model_dir", str(trained)]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and "has no prompt" in err[0], err
 
 
 def _run_config(meta):

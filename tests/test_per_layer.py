@@ -205,6 +205,12 @@ def test_cli_trains_evaluates_from_the_run_and_exports(trained, tmp_path, capsys
   err = capsys.readouterr().err.splitlines()
   assert len(err) == 1 and ".npz" in err[0], err
   assert main(["interpret", "--model_dir", str(trained)]) == 0  # the input prompt's tokens
+  # Its input prompt alone would be another model: as a prompt file, the run is refused.
+  capsys.readouterr()
+  assert main(["eval", "--gin_file", "models/tiny.gin", "--gin_file", "runs/prompt_eval.gin",
+               f"--gin.TASK='{TASK}'", f"--gin.PROMPT_FILE='{trained}'"]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and "learned more than a prompt" in err[0], err
 
 
 def test_cli_masked_prompt_run_records_and_exports_its_mask(tmp_path):

@@ -88,6 +88,12 @@ def prompt_tuning() -> Method:
 register_method("prompt_tuning", prompt_tuning, {})
 
 
+def is_prompt_only(method: Method) -> bool:
+  """Whether a method's learned part is its prompt alone, used as prompt tuning's is (a
+  prompt.npy, a PEFT prompt adapter, a bank entry): it has a prompt and no export of its own."""
+  return method.has_prompt and type(method).export is Method.export
+
+
 def from_description(description: Optional[dict]) -> Method:
   """The method a run recorded (`describe()`); runs from before methods existed were prompt
   tuning."""
