@@ -5,9 +5,13 @@
 
 For every prompt length in {1, 5, 20, 100} and init in {random uniform, sampled vocabulary,
 class label}, and several seeds, a soft prompt is trained on the taskless task (the instruction
-removed) and scored by held-out exact-match accuracy (greedy decoding). Writes results.jsonl, a
-table (table.md) with mean and standard deviation over seeds, and plot.png. The last line is JSON.
-Class-label init needs a slot per label, so prompts shorter than the label set are n/a there.
+removed) and scored by held-out exact-match accuracy (greedy decoding). All the runs are one
+sweep (`train(members=...)`, softprompt_jax/sweep.py): the model is loaded once and the members
+of each prompt length train together, one compiled step for them all; each run is
+<out>/sweep/members/p<length>_<init>_s<seed>/. Writes results.jsonl, a table (table.md) with mean
+and standard deviation over seeds, and plot.png. The last line is JSON. Class-label init needs a
+slot per label, so prompts shorter than the label set are n/a there. An interrupted ablation
+continues where it stopped (the sweep resumes its members; scored cells are kept).
 """
 
 from __future__ import annotations
@@ -61,31 +65,32 @@ def main(argv=None) -> dict:
              if results_file.exists() else [])
   done = {(r["prompt_length"], r["init"], r["seed"]) for r in results}
   start = time.time()
-  for length in lengths:
-    for init_name in INITS:
-      if init_name == "class_labels" and length < len(task.choices):
-        continue  # the labels do not fit the prompt: the cell is reported as n/a
-      for seed in seeds:
-        if (length, init_name, seed) in done:
-          continue
-        run = out / f"p{length}_{init_name}_s{seed}"
-        shutil.rmtree(run, ignore_errors=True)
-        train(model_dir=str(run), model=spec, task=task.name, vocabulary="byte",
-              prompt_length=length, prompt_init=getattr(prompts, init_name),
-              num_steps=args.steps, batch_size=32, input_length=INPUT_LENGTH,
-              target_length=TARGET_LENGTH, dropout_rate=0.0, eval_every=args.steps,
-              eval_max_examples=args.eval_examples, keep_checkpoints=1, seed=seed,
-              log_every=args.steps)
-        prompt = prompts.load_npy(run / PROMPT_FILE)
-        test = synthetic.make_records(args.task, "test", args.eval_examples, seed=seed)
-        model = PromptedT5(config, prompt_length=length)
-        accuracy = _accuracy(model, {**frozen, "prompt": {"prompt": prompt}}, task, test, vocab)
-        row = {"prompt_length": length, "init": init_name, "seed": seed, "accuracy": accuracy}
-        results.append(row)
-        with open(results_file, "a") as f:
-          f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-        shutil.rmtree(run / CHECKPOINT_SUBDIR, ignore_errors=True)  # keep the folder small
+  grid = [(length, init_name, seed) for length in lengths for init_name in INITS
+          for seed in seeds
+          # the labels do not fit the prompt: the cell is reported as n/a
+          if not (init_name == "class_labels" and length < len(task.choices))]
+  todo = {f"p{length}_{init_name}_s{seed}": (length, init_name, seed)
+          for length, init_name, seed in grid if (length, init_name, seed) not in done}
+  members = {name: {"train.prompt_length": length, "train.prompt_init": getattr(prompts, init),
+                    "train.seed": seed} for name, (length, init, seed) in todo.items()}
+  sweep_dir = out / "sweep"
+  if members:
+    train(model_dir=str(sweep_dir), model=spec, task=task.name, vocabulary="byte",
+          members=members, num_steps=args.steps, batch_size=32, input_length=INPUT_LENGTH,
+          target_length=TARGET_LENGTH, dropout_rate=0.0, eval_every=args.steps,
+          eval_max_examples=args.eval_examples, keep_checkpoints=1, log_every=args.steps)
+  for name, (length, init_name, seed) in todo.items():
+    run = sweep_dir / "members" / name
+    prompt = prompts.load_npy(run / PROMPT_FILE)
+    test = synthetic.make_records(args.task, "test", args.eval_examples, seed=seed)
+    model = PromptedT5(config, prompt_length=length)
+    accuracy = _accuracy(model, {**frozen, "prompt": {"prompt": prompt}}, task, test, vocab)
+    row = {"prompt_length": length, "init": init_name, "seed": seed, "accuracy": accuracy}
+    results.append(row)
+    with open(results_file, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    shutil.rmtree(run / CHECKPOINT_SUBDIR, ignore_errors=True)  # keep the folder small
 
   table = ["| init \\ prompt length | " + " | ".join(str(n) for n in lengths) + " |",
            "| --- |" + " --- |" * len(lengths)]

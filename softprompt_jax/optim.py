@@ -98,10 +98,11 @@ def adafactor(learning_rate: float = 0.3, decay_rate: float = 0.8,
   scaled by the learning rate.
   """
   cc.check("optim.adafactor", locals(), ADAFACTOR_RULES)
-  return _with_learning_rate(optax.adafactor(
+  settings = dict(locals())
+  return _remember("adafactor", settings, _with_learning_rate(optax.adafactor(
       learning_rate=learning_rate, decay_rate=decay_rate, weight_decay_rate=weight_decay_rate,
       clipping_threshold=clipping_threshold,
-      multiply_by_parameter_scale=multiply_by_parameter_scale, momentum=momentum), learning_rate)
+      multiply_by_parameter_scale=multiply_by_parameter_scale, momentum=momentum), learning_rate))
 
 
 ADAM_RULES = {
@@ -115,10 +116,12 @@ def adam(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: f
          weight_decay: float = 0.0) -> optax.GradientTransformation:
   """Adam (AdamW when weight_decay > 0)."""
   cc.check("optim.adam", locals(), ADAM_RULES)
+  settings = dict(locals())
   if weight_decay:
-    return _with_learning_rate(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                                           weight_decay=weight_decay), learning_rate)
-  return _with_learning_rate(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), learning_rate)
+    return _remember("adam", settings, _with_learning_rate(optax.adamw(
+        learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay), learning_rate))
+  return _remember("adam", settings, _with_learning_rate(
+      optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), learning_rate))
 
 
 def masked_optimizer(base: optax.GradientTransformation,
@@ -126,3 +129,42 @@ def masked_optimizer(base: optax.GradientTransformation,
   """`base` for trainable leaves, `set_to_zero` (stateless) for frozen ones."""
   return _with_learning_rate(optax.multi_transform({TRAINABLE: base, FROZEN: optax.set_to_zero()},
                                                    labels), learning_rate_of(base))
+
+
+# What each optimizer made here was made from, by its update function: (name, settings). A sweep
+# (sweep.py) rebuilds it per member with that member's hyperparameters.
+_SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+OPTIMIZER_RULES = {"adafactor": ADAFACTOR_RULES, "adam": ADAM_RULES}
+# The settings a transformation can take as traced values (one per member under jax.vmap);
+# the others change the transformation's structure and must be plain Python values.
+TRACEABLE = {"adafactor": ("learning_rate", "decay_rate", "weight_decay_rate",
+                           "clipping_threshold", "momentum"),
+             "adam": ("learning_rate", "b1", "b2", "eps")}
+
+
+def _remember(name: str, settings: dict,
+              optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  _SETTINGS[optimizer.update] = (name, settings)
+  return optimizer
+
+
+def settings_of(optimizer) -> tuple[str, dict] | None:
+  """(name, keyword arguments) of an optimizer made by `adafactor` or `adam`; None otherwise."""
+  update = getattr(optimizer, "update", None)
+  found = _SETTINGS.get(update) if callable(update) else None
+  return None if found is None else (found[0], dict(found[1]))
+
+
+def transformation(name: str, settings: dict) -> optax.GradientTransformation:
+  """The optax transformation `adafactor` or `adam` makes from `settings`, without the checks,
+  so that the values of TRACEABLE[name] may be traced arrays (a sweep's per-member
+  hyperparameters under jax.vmap); with plain values it is the same computation."""
+  if name == "adafactor":
+    return optax.adafactor(**settings)
+  if name == "adam":
+    kwargs = {k: settings[k] for k in ("b1", "b2", "eps")}
+    if settings["weight_decay"]:
+      return optax.adamw(settings["learning_rate"], weight_decay=settings["weight_decay"],
+                         **kwargs)
+    return optax.adam(settings["learning_rate"], **kwargs)
+  raise ValueError(f"unknown optimizer {name!r}; known: {sorted(OPTIMIZER_RULES)}")

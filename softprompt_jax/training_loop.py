@@ -19,6 +19,7 @@ import numpy as np
 
 from softprompt_jax import config_checks as cc
 from softprompt_jax import optim, partitioning, paths, preemption, prompts
+from softprompt_jax import sweep
 from softprompt_jax import train_step as ts
 from softprompt_jax.checkpoints.integrity import fingerprint
 from softprompt_jax.checkpoints.state import PromptCheckpoints, abstract_like
@@ -68,6 +69,7 @@ TRAIN_RULES = {
     "log_every": cc.POSITIVE, "stop_after_steps": cc.integer(1, optional=True),
     "bad_records": cc.one_of("error", "skip"),
     "method": cc.instance(Method, "a method such as @methods.prompt_tuning()", optional=True),
+    "members": sweep.MEMBERS_RULE,
 }
 
 
@@ -83,9 +85,11 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
           num_partitions: int = 1, mesh_shape: Optional[Sequence[int]] = None,
           parameter_partitioning_dims: int = 1, activation_partitioning_dims: int = 1,
           seed: int = 0, log_every: int = 50, stop_after_steps: Optional[int] = None,
-          bad_records: str = "error", method: Optional[Method] = None) -> dict:
+          bad_records: str = "error", method: Optional[Method] = None,
+          members: Optional[dict] = None) -> dict:
   """Prompt tuning (or, with trainable='.*', model tuning; or another `method`: per-layer
   prompts, IA3, ...); resumes when run again. `trainable` defaults to what the method trains.
+  `members` ({name: {gin parameter: value}}) makes it a sweep of runs (sweep.py, sweep_plan.py).
 
   SIGTERM or SIGINT (an eviction notice, Ctrl-C) finishes the current step, saves a checkpoint
   there (at the same step in every process) and raises `preemption.Preempted`; running again
@@ -98,6 +102,8 @@ def train(*, model_dir: str, model: ModelSpec, task: str, vocabulary=None, data_
   trainable = method.trainable if trainable is None else trainable
   model_dir = paths.local_path(model_dir, "train.model_dir")  # `~` expanded; a URL refused
   _check_train_values(model_dir, prompt_length, trainable)
+  if members is not None:  # a sweep: every member over one loaded frozen model (sweep.py)
+    return sweep.train_members(members, dict(locals()))
   finished = completed_summary(model_dir, num_steps, prompt_length if method.has_prompt else 0)
   if finished is not None:  # a rerun of a finished run: every file stays as it is
     print(f"{model_dir}: already complete at step {finished['steps']}; nothing to do",
