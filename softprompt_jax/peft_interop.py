@@ -60,34 +60,14 @@ def save_peft_adapter(directory, prompt_PxH, *, num_layers: int, num_heads: int,
 def load_peft_adapter(directory) -> np.ndarray:
   """The encoder prompt [P, H] of a PEFT prompt-tuning adapter directory: JSON and safetensors
   only; a pickled `adapter_model.bin` is refused by name, unread."""
-  from safetensors.numpy import load_file
-  directory = pathlib.Path(directory)
-  config_path = directory / ADAPTER_CONFIG
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter directory")
+  config, config_path = read_adapter_config(directory, "PROMPT_TUNING",
+                                            "only PROMPT_TUNING adapters hold a soft prompt")
   try:
-    config = json.loads(config_path.read_text())
-    tokens = int(config["num_virtual_tokens"]) if config.get("peft_type") == "PROMPT_TUNING" else 0
-  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError,
-          ValueError) as e:
+    tokens = int(config["num_virtual_tokens"])
+  except (KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f"{config_path}: not a PEFT adapter config ({e!r})") from None
-  if config.get("peft_type") != "PROMPT_TUNING":
-    raise CheckpointError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only "
-                          "PROMPT_TUNING adapters hold a soft prompt")
   submodules = _submodules(config, config_path)
-  weights_path = directory / ADAPTER_WEIGHTS
-  if not weights_path.is_file():
-    bin_path = directory / "adapter_model.bin"
-    if bin_path.exists():
-      raise CheckpointError(f"{bin_path} is a PyTorch pickle; refusing to load it (unpickling "
-                            "runs whatever code it holds). Re-save the adapter with safetensors "
-                            "where you trust it: `peft_model.save_pretrained(dst, "
-                            "safe_serialization=True)`")
-    raise FileNotFoundError(f"{weights_path} not found")
-  try:
-    weights = load_file(str(weights_path))
-  except Exception as e:  # safetensors raises its own SafetensorError for malformed files
-    raise CheckpointError(f"{weights_path}: not a readable safetensors file ({e})") from None
+  weights, weights_path = read_adapter_weights(directory)
   if PROMPT_KEY not in weights:
     raise CheckpointError(f"{weights_path}: no '{PROMPT_KEY}' tensor (found {sorted(weights)})")
   prompt = np.asarray(weights[PROMPT_KEY], np.float32)
@@ -99,6 +79,41 @@ def load_peft_adapter(directory) -> np.ndarray:
                           f"{submodules} (expected {tokens * submodules} rows)")
   # With 2 submodules the rows are [encoder half; decoder half]; PEFT feeds T5 the first only.
   return prompt[:tokens]
+
+
+def read_adapter_config(directory, peft_type: str, why: str) -> tuple[dict, pathlib.Path]:
+  """(config, its path) of a PEFT adapter directory whose peft_type is `peft_type`; else
+  FileNotFoundError or CheckpointError naming the file (`why`: what the reader needs)."""
+  config_path = pathlib.Path(directory) / ADAPTER_CONFIG
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter directory")
+  try:
+    config = json.loads(config_path.read_text())
+    found = config.get("peft_type")
+  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+    raise CheckpointError(f"{config_path}: not a PEFT adapter config ({e!r})") from None
+  if found != peft_type:
+    raise CheckpointError(f"{config_path}: peft_type is {found!r}; {why}")
+  return config, config_path
+
+
+def read_adapter_weights(directory) -> tuple[dict, pathlib.Path]:
+  """({name: array}, their path) of a PEFT adapter directory's safetensors file; a pickled
+  `adapter_model.bin` is refused by name, unread (unpickling runs whatever code it holds)."""
+  from safetensors.numpy import load_file
+  weights_path = pathlib.Path(directory) / ADAPTER_WEIGHTS
+  if not weights_path.is_file():
+    bin_path = pathlib.Path(directory) / "adapter_model.bin"
+    if bin_path.exists():
+      raise CheckpointError(f"{bin_path} is a PyTorch pickle; refusing to load it (unpickling "
+                            "runs whatever code it holds). Re-save the adapter with safetensors "
+                            "where you trust it: `peft_model.save_pretrained(dst, "
+                            "safe_serialization=True)`")
+    raise FileNotFoundError(f"{weights_path} not found")
+  try:
+    return load_file(str(weights_path)), weights_path
+  except Exception as e:  # safetensors raises its own SafetensorError for malformed files
+    raise CheckpointError(f"{weights_path}: not a readable safetensors file ({e})") from None
 
 
 def _is_seq2seq(config: dict) -> bool:

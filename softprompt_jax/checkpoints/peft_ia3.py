@@ -26,10 +26,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax import output_files
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
+from softprompt_jax.peft_interop import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config,
+                                         read_adapter_weights)
 from softprompt_jax.t5_config import T5Config
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 SUFFIX = ".ia3_l"
 KEY, VALUE, MLP = "ia3_key", "ia3_value", "ia3_mlp"
@@ -112,31 +112,8 @@ def load_ia3_adapter(directory, config: T5Config) -> dict:
   """Every IA3 vector of a T5 of `config` from a PEFT IA3 adapter directory (ones where the
   adapter scales nothing), as a nested params tree: JSON and safetensors only; a pickled
   `adapter_model.bin` is refused by name, unread."""
-  from safetensors.numpy import load_file
-  directory = pathlib.Path(directory)
-  config_path = directory / ADAPTER_CONFIG
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter directory")
-  try:
-    peft_type = json.loads(config_path.read_text()).get("peft_type")
-  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-    raise CheckpointError(f"{config_path}: not a PEFT adapter config ({e!r})") from None
-  if peft_type != "IA3":
-    raise CheckpointError(f"{config_path}: peft_type is {peft_type!r}; methods.ia3 reads IA3 "
-                          "adapters")
-  weights_path = directory / ADAPTER_WEIGHTS
-  if not weights_path.is_file():
-    bin_path = directory / "adapter_model.bin"
-    if bin_path.exists():
-      raise CheckpointError(f"{bin_path} is a PyTorch pickle; refusing to load it (unpickling "
-                            "runs whatever code it holds). Re-save the adapter with safetensors "
-                            "where you trust it: `peft_model.save_pretrained(dst, "
-                            "safe_serialization=True)`")
-    raise FileNotFoundError(f"{weights_path} not found")
-  try:
-    weights = load_file(str(weights_path))
-  except Exception as e:  # safetensors raises its own SafetensorError for malformed files
-    raise CheckpointError(f"{weights_path}: not a readable safetensors file ({e})") from None
+  read_adapter_config(directory, "IA3", "methods.ia3 reads IA3 adapters")
+  weights, weights_path = read_adapter_weights(directory)
   flat = flatten_dict(ones_vectors(config), sep="/")
   for key, array in sorted(weights.items()):
     path, vector = _our_vector(key, np.asarray(array, np.float32), config, weights_path)
