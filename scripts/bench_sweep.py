@@ -30,6 +30,7 @@ import platform
 import shutil
 import statistics
 import tempfile
+import sys
 import time
 
 import jax
@@ -43,6 +44,11 @@ from softprompt_jax.model_spec import frozen_model
 from softprompt_jax.pretrained import TINY_MODEL_DIR
 from softprompt_jax.run_setup import setup_run
 from softprompt_jax.training_loop import train
+
+# The harness beside this file is found when it runs as a script; an import by path (the tests)
+# needs its folder on the path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from benchmark_harness import cpu_model  # noqa: E402
 
 TASK = "taskless_synthetic_sentiment"
 TINY_OVERRIDES = {"vocab_size": 384, "emb_dim": 32, "mlp_dim": 64, "num_heads": 4,
@@ -143,15 +149,7 @@ def steps_alone(args, members: dict, reps: int) -> dict:
   return result
 
 def machine() -> dict:
-  cpu = platform.processor()
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+  return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
           "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
           "jax": jax.__version__, "jaxlib": jaxlib.__version__}
 

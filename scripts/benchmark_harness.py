@@ -85,16 +85,20 @@ def timed(calls: dict, reps: int) -> dict:
   return results
 
 
-def machine(device) -> dict:
-  import importlib.metadata as md
-  cpu = platform.processor()
+def cpu_model() -> str:
+  """The CPU's model name (Linux), else what platform says."""
   try:
     for line in open("/proc/cpuinfo"):
       if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
+        return line.split(":", 1)[1].strip()
   except OSError:
     pass
+  return platform.processor()
+
+
+def machine(device) -> dict:
+  import importlib.metadata as md
+  cpu = cpu_model()
   versions = {}
   for package in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax",
                   "numpy", "torch", "transformers", "peft"):
