@@ -24,12 +24,12 @@ from softprompt_jax.checkpoints.convert import convert_checkpoint
 from softprompt_jax.demo import run_demo
 from softprompt_jax.errors import ConfigError, UsageError, is_user_error, one_line
 from softprompt_jax.inference import export_prompt
-from softprompt_jax.multihost import PEER_LOST_STATUS
 from softprompt_jax.partitioning import is_primary_process
 from softprompt_jax.paths import local_path
 from softprompt_jax.preemption import Interrupted, Preempted, SignalsAsExceptions
 from softprompt_jax.run_layout import CHECKPOINT_SUBDIR, CONFIG_FILE, OPERATIVE_CONFIG_FILE
 from softprompt_jax.run_lock import RunDirectoryBusy, RunLock
+from softprompt_jax.serving import serve
 from softprompt_jax.training_loop import ALREADY_COMPLETE
 
 TRACEBACK_ENV = "SOFTPROMPT_JAX_TRACEBACK"
@@ -64,8 +64,10 @@ def _gin_run(args, extra) -> int:
   gin_setup.parse(args.gin_file, bindings, args.model_dir, search_paths)
   configurables = gin_setup.register()
   name = {"train": "train", "eval": "evaluate", "infer": "infer",
-          "interpret": "interpret"}[args.command]
+          "interpret": "interpret", "serve": "serve"}[args.command]
   passed = {"model_dir": args.model_dir} if args.command == "interpret" else {}
+  if args.command == "serve":  # the flags win over the gin files
+    passed = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
   _check_required_bound(name, configurables[name], passed)
   watch = _initialize_distributed(args) if args.command in MULTI_HOST_COMMANDS else None
   try:
@@ -96,7 +98,7 @@ def _run_configurable(args, configurable, passed: dict) -> int:
     if not run_dir:
       raise UsageError("give --model_dir (the run directory, where checkpoints and logs go)")
     return _train(run_dir, configurable)
-  result = configurable()
+  result = configurable(**passed)
   if args.command == "infer" and is_primary_process():
     print(f"wrote {result} predictions", file=_message_stream(_bound_value("infer.output_file")))
   return 0
@@ -280,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
        "interpretation.json in the run directory." + gin_note,
        ["--model_dir /tmp/smoke",
         "--model_dir /tmp/smoke --gin.interpret.task=\"'taskless_synthetic_sentiment'\""]),
+      serve.COMMAND,
   ]
   for name, summary, description, examples in gin_commands:
     p = command(name, summary, description, examples)
@@ -292,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated directories where --gin_file names are looked up "
                    "first (as t5x's flag)")
     if name in MULTI_HOST_COMMANDS:
-      _add_multi_host_flags(p)
+      multihost.add_flags(p)
+    if name == "serve":
+      p.add_argument("--host", help="the address to listen on (serve.host; default 127.0.0.1)")
+      p.add_argument("--port", type=int, help="the port (serve.port; 0 picks a free one)")
     p.set_defaults(run=_gin_run)
   prompt_reports.add_similarity_command(command)
   exp = command("export", "write a run's best (else latest) prompt",
@@ -368,23 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--seed", type=int, default=0, help="seed of sampling and of the random model")
   gen.set_defaults(run=_generate)
   return parser
-
-
-def _add_multi_host_flags(parser: argparse.ArgumentParser) -> None:
-  group = parser.add_argument_group(
-      "multi-host", "one process per host, each started with the same command; not needed on "
-      "TPU pods, where JAX finds the other hosts itself")
-  group.add_argument("--coordinator_address", help="host:port of process 0 (also "
-                     "JAX_COORDINATOR_ADDRESS)")
-  group.add_argument("--num_processes", type=int, help="how many processes (also "
-                     "JAX_NUM_PROCESSES)")
-  group.add_argument("--process_id", type=int, help="this process, 0 .. num_processes-1 (also "
-                     "JAX_PROCESS_ID)")
-  group.add_argument("--peer_timeout_s", type=float, default=60,
-                     help="a process silent this long counts as lost: the others stop, naming "
-                     f"it, with exit status {PEER_LOST_STATUS}")
-  group.add_argument("--initialization_timeout_s", type=int, default=300,
-                     help="how long to wait for every process to join")
 
 
 def _no_tpu_lookup_without_a_tpu() -> None:

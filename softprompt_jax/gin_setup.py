@@ -20,6 +20,7 @@ import gin
 from softprompt_jax import (inference, methods, model_spec, optim, prompt_reports, prompts,
                             t5x_compat, training_loop)
 from softprompt_jax.errors import ConfigError
+from softprompt_jax.serving import serve
 
 _REGISTERED: dict = {}
 
@@ -30,6 +31,7 @@ def _entries() -> list:
       (training_loop.train, "train", None, training_loop.TRAIN_RULES),
       (inference.evaluate, "evaluate", None, inference.EVALUATE_RULES),
       (inference.infer, "infer", None, inference.INFER_RULES),
+      (serve.serve, "serve", None, serve.SERVE_RULES),
       (prompt_reports.interpret_prompt, "interpret", None, prompt_reports.INTERPRET_RULES),
       (model_spec.frozen_model, "frozen_model", None, model_spec.FROZEN_MODEL_RULES),
       (optim.adafactor, "adafactor", "optim", optim.ADAFACTOR_RULES),

@@ -19,7 +19,7 @@ from softprompt_jax.checkpoints.hf import (SAFE_ALTERNATIVE,
                                            is_pickle_file)
 from softprompt_jax.data import get_task, pipeline
 from softprompt_jax.data.readers import located_records
-from softprompt_jax.data.tasks import RecordError
+from softprompt_jax.data.request_rows import request_row
 from softprompt_jax.errors import ConfigError, UsageError
 from softprompt_jax.evaluation import decode_in_batches, run_eval
 from softprompt_jax.methods import Method, PromptTuning, from_description, is_prompt_only
@@ -172,15 +172,10 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
   names = sorted(prompts)
   if not names:
     raise ConfigError("infer needs PROMPTS: a mapping task name -> prompt (.npy / run dir)")
-  values = {name: _prompt_values(prompts[name]) for name in names}
   vocab = load_vocabulary(vocabulary)
   config = model_config(model, {"dropout_rate": 0.0})  # metadata only
   check_vocabulary_fits(vocab, config)
-  for name in names:
-    check_prompt_fits(values[name], config, f"PROMPTS[{name!r}] {prompts[name]}")
-  shapes = {name: tuple(v.shape) for name, v in values.items()}
-  if len(set(shapes.values())) > 1:
-    raise PromptShapeError(f"the prompts of a bank must share one shape; PROMPTS has {shapes}")
+  values = bank_prompts(prompts, config)
   bank = np.stack([values[name] for name in names])
   rows = _read_requests(pathlib.Path(input_file), names, get_task)  # a bad line fails fast
   output_files.check_output_path(output_file)  # so does an output that is a directory
@@ -195,6 +190,22 @@ def infer(*, model: ModelSpec, prompts: Mapping[str, str], input_file: str, outp
         out.write(json.dumps({"task": row["task"], "inputs": row["inputs"],
                               "prediction": text}) + "\n")
   return len(rows)
+
+
+def bank_prompts(prompts: Mapping[str, str], config, shape=None) -> dict[str, np.ndarray]:
+  """The prompt of each task of a bank (PROMPTS: task name -> a .npy, a PEFT adapter or a run
+  directory), each checked to fit the model `config` and all of one shape (`shape`, when the
+  bank already has one)."""
+  values = {}
+  for name, source in sorted(prompts.items()):
+    values[name] = _prompt_values(source)
+    check_prompt_fits(values[name], config, f"PROMPTS[{name!r}] {source}")
+  shapes = {name: tuple(v.shape) for name, v in values.items()}
+  if shape is not None and any(s != tuple(shape) for s in shapes.values()):
+    raise PromptShapeError(f"the bank's prompts are {tuple(shape)}; PROMPTS has {shapes}")
+  if len(set(shapes.values())) > 1:
+    raise PromptShapeError(f"the prompts of a bank must share one shape; PROMPTS has {shapes}")
+  return values
 
 
 def _decode_requests(net, params, rows, names, vocab, batch_size, input_length,
@@ -227,51 +238,8 @@ def _decode_requests(net, params, rows, names, vocab, batch_size, input_length,
 def _read_requests(path: pathlib.Path, names, get_task) -> list[dict]:
   """The request lines, each checked against the bank; errors name file:line and field (a
   RecordError, reason as the data pipeline counts them)."""
-  rows = []
-  for location, row in located_records(path):
-    task = row.get("task")
-    if "task" not in row:
-      raise RecordError(f"{location}: needs field 'task' (one of {names})", "missing_field")
-    if not isinstance(task, str):
-      raise RecordError(f"{location}: field 'task' must be a string, got {_json_type(task)}",
-                        "wrong_type")
-    if task not in names:
-      raise RecordError(f"{location}: field 'task' is {task!r}; the prompt bank has {names}",
-                        "invalid_record")
-    if "inputs" in row:
-      if not isinstance(row["inputs"], str):
-        raise RecordError(f"{location}: field 'inputs' must be a string, got "
-                          f"{_json_type(row['inputs'])}", "wrong_type")
-    elif "record" in row:
-      row = {**row, "inputs": _record_inputs(get_task(task), row["record"], location)}
-    else:
-      raise RecordError(f"{location}: needs field 'inputs' (text) or 'record' (a raw "
-                        f"{task} record)", "missing_field")
-    rows.append(row)
-  return rows
-
-
-def _record_inputs(task, record, location: str) -> str:
-  """The model input of a raw task record (its label may be absent: it is to be predicted)."""
-  if not isinstance(record, dict):
-    raise RecordError(f"{location}: field 'record' must be an object, got "
-                      f"{_json_type(record)}", "wrong_type")
-  try:
-    examples = task.examples(record, require_label=False)
-  except RecordError as e:
-    raise RecordError(f"{location}: field 'record': {e}", e.reason) from None
-  if len(examples) != 1:
-    raise RecordError(f"{location}: field 'record' makes {len(examples)} examples for "
-                      f"{task.name}; give one 'inputs' line per example instead",
-                      "invalid_record")
-  return examples[0]["inputs"]
-
-
-def _json_type(value) -> str:
-  """The JSON name of a parsed value's type, as a user wrote it."""
-  names = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string",
-           list: "list", dict: "object"}
-  return names.get(type(value), type(value).__name__)
+  return [request_row(row, location, names, get_task)
+          for location, row in located_records(path)]
 
 
 def export_prompt(model_dir: str, out: str, peft_num_layers: Optional[int] = None,

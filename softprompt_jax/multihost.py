@@ -13,6 +13,7 @@ says so, so that neither counts as lost.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -226,3 +227,21 @@ def _timed_out(message: str) -> list[int]:
       break
     ids.append(int(match.group(1)))
   return ids
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """The command-line flags of `join` (train, eval and infer take them)."""
+  group = parser.add_argument_group(
+      "multi-host", "one process per host, each started with the same command; not needed on "
+      "TPU pods, where JAX finds the other hosts itself")
+  group.add_argument("--coordinator_address", help="host:port of process 0 (also "
+                     "JAX_COORDINATOR_ADDRESS)")
+  group.add_argument("--num_processes", type=int, help="how many processes (also "
+                     "JAX_NUM_PROCESSES)")
+  group.add_argument("--process_id", type=int, help="this process, 0 .. num_processes-1 (also "
+                     "JAX_PROCESS_ID)")
+  group.add_argument("--peer_timeout_s", type=float, default=60,
+                     help="a process silent this long counts as lost: the others stop, naming "
+                     f"it, with exit status {PEER_LOST_STATUS}")
+  group.add_argument("--initialization_timeout_s", type=int, default=300,
+                     help="how long to wait for every process to join")

@@ -37,10 +37,12 @@ def no_expensive_work(monkeypatch):
   # name (`from ... import load_frozen`) after the test.
   import softprompt_jax.inference  # noqa: F401
   import softprompt_jax.run_setup  # noqa: F401
+  import softprompt_jax.serving.serve  # noqa: F401
   import softprompt_jax.training_loop  # noqa: F401
   for target in ("softprompt_jax.model_spec.load_frozen", "softprompt_jax.run_setup.load_frozen",
                  "softprompt_jax.inference.load_frozen",
                  "softprompt_jax.inference.make_prompted_params",
+                 "softprompt_jax.serving.serve.load_frozen",
                  "softprompt_jax.checkpoints.loading.load_t5",
                  "softprompt_jax.checkpoints.loading.read_params",
                  "softprompt_jax.train_step.sharded_steps",

@@ -21,7 +21,8 @@ LAYERS = [
     ("the run", ["run_setup", "evaluation", "training_loop", "run_dir", "run_log",
                  "run_summary", "curves", "tensorboard_events", "progress", "run_lock",
                  "sweep_plan", "sweep"]),
-    ("commands", ["inference", "prompt_reports", "demo", "generate", "t5x_compat", "gin_setup",
+    ("commands", ["inference", "prompt_reports", "demo", "generate", "t5x_compat", "serving",
+                  "gin_setup",
                   "cli", "__main__"]),
 ]
 MAX_LINES = 450

@@ -111,7 +111,9 @@ def _lone_surrogate(value) -> str | None:
   return None
 
 
-class _DuplicateKey(Exception):
+class DuplicateKey(ValueError):
+  """A JSON object that gives one key twice (`key`)."""
+
   def __init__(self, key: str):
     super().__init__(key)
     self.key = key
@@ -125,13 +127,19 @@ def _object_once_per_key(pairs: list[tuple[str, Any]]) -> dict:
     seen = set()
     for key, _ in pairs:
       if key in seen:
-        raise _DuplicateKey(key)
+        raise DuplicateKey(key)
       seen.add(key)
   return record
 
 
 # One decoder for every line: json.loads with a hook would build a new one per call.
 _JSON_DECODER = json.JSONDecoder(object_pairs_hook=_object_once_per_key)
+
+
+def decode_json(text: str) -> Any:
+  """`text` as JSON, where an object that gives a key twice raises DuplicateKey (json.loads
+  would keep the last value without a word)."""
+  return _JSON_DECODER.decode(text)
 
 
 def _located_jsonl(path: pathlib.Path, on_bad: OnBadRecord = None) -> Iterator[Located]:
@@ -143,8 +151,8 @@ def _located_jsonl(path: pathlib.Path, on_bad: OnBadRecord = None) -> Iterator[L
     if not line.strip():
       continue
     try:
-      record = _JSON_DECODER.decode(line)
-    except _DuplicateKey as e:
+      record = decode_json(line)
+    except DuplicateKey as e:
       _bad_record(DataError(f"{where}: the key {e.key!r} appears twice in one JSON object; "
                             "keep one (a reader would silently use only the last)",
                             "duplicate_key"), on_bad)
