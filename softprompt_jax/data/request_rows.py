@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from softprompt_jax.data.tasks import RecordError, Task
+from softprompt_jax.data.tasks import RecordError, Task, UnknownTaskError
 
 
 class UnknownBankTaskError(RecordError):
@@ -51,7 +51,13 @@ def request_row(row, location: str, names: Sequence[str],
                         f"{json_type(row['inputs'])}", "wrong_type")
     return row
   if "record" in row:
-    return {**row, "inputs": record_inputs(get_task(task), row["record"], location)}
+    try:
+      registered = get_task(task)
+    except UnknownTaskError:  # a bank may name its tasks freely; a record needs a format
+      raise RecordError(f"{location}: field 'record' needs a registered task to format it, and "
+                        f"{task!r} is none; send the model input as 'inputs' text",
+                        "invalid_record") from None
+    return {**row, "inputs": record_inputs(registered, row["record"], location)}
   raise RecordError(f"{location}: needs field 'inputs' (text) or 'record' (a raw {task} "
                     "record)", "missing_field")
 
