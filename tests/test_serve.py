@@ -247,7 +247,8 @@ def _metric_async_depth(call) -> float:
 
 
 def test_overload_is_429_with_retry_after_and_a_slow_answer_504(tmp_path, bank):
-  server = Served(tmp_path, bank, "--gin.serve.max_queue=2", "--gin.serve.max_wait_ms=5000",
+  server = Served(tmp_path, bank, "--gin.serve.max_queue=2", "--gin.serve.max_instances=2",
+                  "--gin.serve.max_wait_ms=5000",
                   "--gin.serve.request_timeout_s=1.0", "--gin.serve.batch_sizes=(8,)")
   try:
     lines = [("POST", "/v1/predict", line) for line in _lines(6)]
@@ -262,3 +263,18 @@ def test_overload_is_429_with_retry_after_and_a_slow_answer_504(tmp_path, bank):
     assert _run(_many(server.url, [("GET", "/metrics", None)]))[0][0] == 200
   finally:
     assert server.stop() == 0, server.text()
+
+
+@pytest.mark.parametrize("binding, words", [
+    ("--gin.serve.port=70000", "serve.port=70000: expected an integer"),
+    ("--gin.serve.max_instances=5000", "could never be queued"),
+    ("--gin.serve.batch_sizes=(0,)", "serve.batch_sizes"),
+    ("--gin.PROMPTS={'a': '/no/such.npy'}", "/no/such.npy"),
+])
+def test_a_bad_setting_is_one_line_before_the_model_is_loaded(binding, words, bank, capsys,
+                                                              no_expensive_work):
+  args = ["serve", *TINY, "--gin_file", "runs/prompt_serve.gin", f"--gin.PROMPTS={bank!r}",
+          binding]
+  assert main(args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("softprompt-jax serve: error: ") and words in err[0]

@@ -65,6 +65,10 @@ def serve(*, model: ModelSpec, prompts: Mapping[str, str], vocabulary=None,
     raise ConfigError("serve needs PROMPTS: a mapping task name -> prompt (.npy, PEFT adapter "
                       "or run directory); tasks can be added later, but the first fixes the "
                       "prompts' shape")
+  if max_instances > max_queue:
+    raise ConfigError(f"serve.max_instances={max_instances} is more than serve.max_queue="
+                      f"{max_queue}: such a request could never be queued; lower max_instances "
+                      "or raise max_queue")
   if len(prompts) > max_tasks:
     raise ConfigError(f"PROMPTS has {len(prompts)} tasks; serve.max_tasks is {max_tasks}")
   vocab = load_vocabulary(vocabulary)
