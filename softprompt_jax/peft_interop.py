@@ -21,11 +21,11 @@ import numpy as np
 from softprompt_jax import output_files
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
 from softprompt_jax.checkpoints.hf import CONFIG_FILE as HF_CONFIG_FILE, is_hf_checkpoint
+from softprompt_jax.checkpoints.peft_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+                                                   read_adapter_config, read_adapter_weights)
 from softprompt_jax.errors import UsageError
 from softprompt_jax.paths import is_url, local_path
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
 
 
@@ -79,41 +79,6 @@ def load_peft_adapter(directory) -> np.ndarray:
                           f"{submodules} (expected {tokens * submodules} rows)")
   # With 2 submodules the rows are [encoder half; decoder half]; PEFT feeds T5 the first only.
   return prompt[:tokens]
-
-
-def read_adapter_config(directory, peft_type: str, why: str) -> tuple[dict, pathlib.Path]:
-  """(config, its path) of a PEFT adapter directory whose peft_type is `peft_type`; else
-  FileNotFoundError or CheckpointError naming the file (`why`: what the reader needs)."""
-  config_path = pathlib.Path(directory) / ADAPTER_CONFIG
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter directory")
-  try:
-    config = json.loads(config_path.read_text())
-    found = config.get("peft_type")
-  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-    raise CheckpointError(f"{config_path}: not a PEFT adapter config ({e!r})") from None
-  if found != peft_type:
-    raise CheckpointError(f"{config_path}: peft_type is {found!r}; {why}")
-  return config, config_path
-
-
-def read_adapter_weights(directory) -> tuple[dict, pathlib.Path]:
-  """({name: array}, their path) of a PEFT adapter directory's safetensors file; a pickled
-  `adapter_model.bin` is refused by name, unread (unpickling runs whatever code it holds)."""
-  from safetensors.numpy import load_file
-  weights_path = pathlib.Path(directory) / ADAPTER_WEIGHTS
-  if not weights_path.is_file():
-    bin_path = pathlib.Path(directory) / "adapter_model.bin"
-    if bin_path.exists():
-      raise CheckpointError(f"{bin_path} is a PyTorch pickle; refusing to load it (unpickling "
-                            "runs whatever code it holds). Re-save the adapter with safetensors "
-                            "where you trust it: `peft_model.save_pretrained(dst, "
-                            "safe_serialization=True)`")
-    raise FileNotFoundError(f"{weights_path} not found")
-  try:
-    return load_file(str(weights_path)), weights_path
-  except Exception as e:  # safetensors raises its own SafetensorError for malformed files
-    raise CheckpointError(f"{weights_path}: not a readable safetensors file ({e})") from None
 
 
 def _is_seq2seq(config: dict) -> bool:

@@ -26,8 +26,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax import output_files
 from softprompt_jax.checkpoints.checkpoint_reader import CheckpointError
-from softprompt_jax.peft_interop import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config,
-                                         read_adapter_weights)
+from softprompt_jax.checkpoints.peft_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+                                                   read_adapter_config, read_adapter_weights)
 from softprompt_jax.t5_config import T5Config
 
 PREFIX = "base_model.model."
