@@ -194,19 +194,27 @@ class _FaultyFile:
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """Compilation is nearly all of a smoke run's time (~10 s of ~11), and every run here compiles
-  the same programs: with JAX's persistent cache the runs after the first take ~2 s."""
+  """Compilation is nearly all of a smoke run's time (~10 s of ~12), and the suite's runs compile
+  the same programs again and again: with JAX's persistent cache, one folder for the whole
+  session, a run whose programs an earlier one compiled takes ~3 s. Other modules that train
+  import this fixture; runs they start in subprocesses read the folder through the environment.
+  A program read from the cache is the one that was compiled, so results stay bit for bit."""
   from jax.experimental.compilation_cache import compilation_cache as cache
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  saved = {name: getattr(jax.config, name) for name in names}
-  for name, value in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
-    jax.config.update(name, value)
-  cache.reset_cache()  # an earlier test's process-wide "no cache" decision is dropped
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  cache.reset_cache()
+  folder = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+  folder.mkdir(exist_ok=True)
+  settings = {"jax_compilation_cache_dir": str(folder),
+              "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  saved = {name: getattr(jax.config, name) for name in settings}
+  with pytest.MonkeyPatch.context() as patch:
+    for name, value in settings.items():
+      jax.config.update(name, value)
+      patch.setenv(name.upper(), str(value))
+    cache.reset_cache()  # an earlier module's process-wide "no cache" decision is dropped
+    yield
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
