@@ -16,17 +16,47 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed (pip install -e '.[tpu]')")
 
 
-def _plan(*args) -> tuple[dict, str]:
+TPU_F32 = ("--size", "small", "--batch", "8", "--lengths", "64,4", "--prompt_length", "10",
+           "--topology", "v3:2x2", "--mesh", "4x2")
+PLANS = {
+    "cpu": ("--size", "small", "--mesh", "2x2", "--batch", "4", "--lengths", "32,4",
+            "--prompt_length", "5"),
+    "tpu_float32": TPU_F32,
+    "tpu_bfloat16": (*TPU_F32, "--frozen_dtype", "bfloat16"),
+    "tpu_too_big": ("--size", "small", "--batch", "1024", "--lengths", "512,8",
+                    "--topology", "v3:2x2", "--mesh", "8x1"),
+}
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+  """`plan(name)`: (the JSON line, stdout) of the planner run with PLANS[name]. Every plan starts
+  at once: each is a compile that uses about one core, so together they take about as long as
+  the two slowest, not the sum (the TPU ones only where libtpu is installed)."""
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                       env=env, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
+  logs = tmp_path_factory.mktemp("plans")
+  running = {}
+  for name, args in PLANS.items():
+    if name.startswith("tpu") and importlib.util.find_spec("libtpu") is None:
+      continue
+    # Files, not pipes: a pipe nobody reads yet would stall a chatty planner.
+    with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
+      running[name] = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=out,
+                                       stderr=err, env=env)
+
+  def result(name) -> tuple[dict, str]:
+    assert running[name].wait(timeout=600) == 0, (logs / f"{name}.err").read_text()[-3000:]
+    stdout = (logs / f"{name}.out").read_text()
+    return json.loads(stdout.strip().splitlines()[-1]), stdout
+  yield result
+  for process in running.values():
+    if process.poll() is None:  # a test that failed early: no planner is left running
+      process.kill()
+      process.wait()
 
 
-def test_cpu_plan_is_labelled_an_upper_bound():
-  result, text = _plan("--size", "small", "--mesh", "2x2", "--batch", "4", "--lengths", "32,4",
-                       "--prompt_length", "5")
+def test_cpu_plan_is_labelled_an_upper_bound(plan):
+  result, text = plan("cpu")
   assert result["compiler"] == "cpu" and result["topology"] is None
   assert result["size"] == "small" and result["mesh"] == "2x2"
   assert 0 < result["per_device_gib"] < 16 and result["fits"]
@@ -36,11 +66,8 @@ def test_cpu_plan_is_labelled_an_upper_bound():
 
 
 @needs_libtpu
-def test_tpu_plan_comes_from_the_tpu_compiler_and_bfloat16_halves_the_frozen_weights():
-  args = ("--size", "small", "--batch", "8", "--lengths", "64,4", "--prompt_length", "10",
-          "--topology", "v3:2x2", "--mesh", "4x2")
-  f32, _ = _plan(*args)
-  bf16, _ = _plan(*args, "--frozen_dtype", "bfloat16")
+def test_tpu_plan_comes_from_the_tpu_compiler_and_bfloat16_halves_the_frozen_weights(plan):
+  (f32, _), (bf16, _) = plan("tpu_float32"), plan("tpu_bfloat16")
   for result in (f32, bf16):
     assert result["compiler"] == "tpu" and result["topology"] == "v3:2x2"
     assert result["device_kind"] == "TPU v3" and result["num_devices"] == 8
@@ -55,9 +82,8 @@ def test_tpu_plan_comes_from_the_tpu_compiler_and_bfloat16_halves_the_frozen_wei
 
 
 @needs_libtpu
-def test_a_plan_that_exceeds_hbm_is_a_figure_not_a_traceback():
-  result, text = _plan("--size", "small", "--batch", "1024", "--lengths", "512,8",
-                       "--topology", "v3:2x2", "--mesh", "8x1")
+def test_a_plan_that_exceeds_hbm_is_a_figure_not_a_traceback(plan):
+  result, text = plan("tpu_too_big")
   assert result["fits"] is False and result["compiler"] == "tpu"
   assert result["per_device_gib"] > result["hbm_gib"] > 15  # a v3 core's usable HBM
   assert "does not fit" in text and "Traceback" not in text
