@@ -26,11 +26,35 @@ TINY = ["--quick", "--speed_sizes", "tiny", "--reps", "1", "--batch", "8", "--in
         "--target_len", "4", "--prompt_len", "3"]
 
 
-def run_script(*args, timeout=600):
-  out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                       timeout=timeout)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+RUNS = {  # the two end-to-end runs: float32 with the memory table, bfloat16 without
+    "float32": (*TINY, "--memory_size", "tiny"),
+    "bfloat16": (*TINY, "--dtype", "bfloat16", "--skip_memory"),
+}
+
+
+@pytest.fixture(scope="module")
+def run_script(tmp_path_factory):
+  """`run_script(name)`: (the summary the script printed last, its --json_out file) for RUNS[name].
+  Both runs start at once: most of each is compiling and loading, about one core's work, so
+  together they take little longer than the slower one. No timing is asserted."""
+  where = tmp_path_factory.mktemp("benchmark")
+  running = {}
+  for name, args in RUNS.items():
+    # Files, not pipes: a pipe nobody reads yet would stall the run.
+    with open(where / f"{name}.out", "w") as out, open(where / f"{name}.err", "w") as err:
+      running[name] = subprocess.Popen(
+          [sys.executable, str(SCRIPT), *args, "--json_out", str(where / f"{name}.json")],
+          stdout=out, stderr=err)
+
+  def result(name) -> tuple[dict, dict]:
+    assert running[name].wait(timeout=600) == 0, (where / f"{name}.err").read_text()[-3000:]
+    summary = json.loads((where / f"{name}.out").read_text().strip().splitlines()[-1])
+    return summary, json.loads((where / f"{name}.json").read_text())
+  yield result
+  for process in running.values():
+    if process.poll() is None:  # a test that failed early: no run is left behind
+      process.kill()
+      process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +65,10 @@ def bench():
   return module
 
 
-def test_benchmark_runs_and_prints_json(tmp_path):
-  details = tmp_path / "benchmark.json"
-  summary = run_script(*TINY, "--memory_size", "tiny", "--json_out", str(details))
+def test_benchmark_runs_and_prints_json(run_script):
+  summary, full = run_script("float32")
   for key in KEYS:
     assert isinstance(summary[key], float) and math.isfinite(summary[key]) and summary[key] > 0, key
-  full = json.loads(details.read_text())
   assert full["summary"] == summary
   assert summary["dtype"] == "float32" and summary["same_function"] is True
   loss = full["speed"]["tiny"]["loss"]
@@ -61,10 +83,8 @@ def test_benchmark_runs_and_prints_json(tmp_path):
     assert m["peak_bytes"] == m["peak_rss_bytes"] > m["baseline_rss_bytes"]
 
 
-def test_bfloat16_stores_frozen_weights_in_bfloat16_and_computes_the_same_function(tmp_path):
-  details = tmp_path / "benchmark.json"
-  summary = run_script(*TINY, "--dtype", "bfloat16", "--skip_memory", "--json_out", str(details))
-  full = json.loads(details.read_text())
+def test_bfloat16_stores_frozen_weights_in_bfloat16_and_computes_the_same_function(run_script):
+  summary, full = run_script("bfloat16")
   assert summary["dtype"] == full["settings"]["dtype"] == "bfloat16"
   assert full["matmul"]["dtype"] == "bfloat16" and full["matmul"]["datasheet"] is None
   loss = full["speed"]["tiny"]["loss"]
