@@ -67,7 +67,9 @@ def test_logits_loss_and_prompt_gradient_match_peft(setup):
     loss, _ = losses.t5x_loss(logits, jnp.asarray(targets), z_loss=0.0)
     return loss, logits
 
-  (loss, logits), grad = jax.value_and_grad(loss_of_prompt, has_aux=True)(
+  # Jitted, as the train step runs it: one compile (~2 s) instead of the backward pass
+  # dispatched and compiled op by op (~13 s).
+  (loss, logits), grad = jax.jit(jax.value_and_grad(loss_of_prompt, has_aux=True))(
       params["prompt"]["prompt"])
   real = targets > 0
   _rel_close(np.asarray(logits)[real], out.logits.detach().numpy()[real])
