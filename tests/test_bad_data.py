@@ -217,7 +217,10 @@ def _sentiment(text, label):
 def test_train_skips_bad_records_and_reports_them_in_the_summary(tmp_path, capsys):
   data = tmp_path / "data"
   data.mkdir()
-  good = [_sentiment(f"{w} happy day sun tree", 1) for w in ("great", "nice", "lovely")] + [
+  # Long (over 63 bytes: cut at smoke.gin's input length, so that the run's programs are the
+  # smoke run's, compiled once for the session) and short texts.
+  good = [_sentiment(f"{w} happy day, sun on the trees and flowers, birds singing all day long",
+                     1) for w in ("great", "nice", "lovely")] + [
       _sentiment(f"{w} rainy day", 0) for w in ("awful", "sad")]
   _write(data / "train.jsonl", *good[:2], b'{"text": "broken', _sentiment("   ", 1),
          *good[2:], _sentiment("ok day", "so-so"))
@@ -225,8 +228,8 @@ def test_train_skips_bad_records_and_reports_them_in_the_summary(tmp_path, capsy
   run = tmp_path / "run"
   argv = ["train", "--gin_file", "runs/smoke.gin", "--model_dir", str(run),
           f"--gin.DATA='{data}'", "--gin.train.num_steps=2", "--gin.train.eval_every=2",
-          "--gin.train.batch_size=8", "--gin.train.input_length=16",
-          "--gin.train.eval_max_examples=4", "--gin.train.log_every=1"]
+          "--gin.train.batch_size=8", "--gin.train.eval_max_examples=4",
+          "--gin.train.log_every=1"]
   assert main(argv) == 2  # the default: the first bad record stops the run, in one line
   assert f"error: {data / 'train.jsonl'}:3: malformed JSON" in capsys.readouterr().err
   assert main(argv + ["--gin.train.bad_records='skip'"]) == 0
@@ -236,7 +239,7 @@ def test_train_skips_bad_records_and_reports_them_in_the_summary(tmp_path, capsy
                                                   "unknown_label": 1}
   assert summary["data"]["first_skipped"][1].startswith(
       f"{data / 'train.jsonl'}:4: taskless_synthetic_sentiment: field 'text' is empty")
-  # 2 steps x 8 rows; inputs over 15 bytes ("great happy day sun tree") are cut.
+  # 2 steps x 8 rows; inputs over 63 bytes (the happy ones) are cut.
   assert summary["data"]["num_examples"] == 16
   assert 3 <= summary["data"]["num_truncated_inputs"] < 16
   assert summary["final_eval"]["num_examples"] == 4.0
@@ -247,7 +250,7 @@ def test_train_skips_bad_records_and_reports_them_in_the_summary(tmp_path, capsy
   # `eval` reads the validation file the same way: stop in one line, or skip and count.
   evaluate = ["eval", "--gin_file", "models/tiny.gin", "--gin_file", "runs/prompt_eval.gin",
               "--model_dir", str(run), f"--gin.DATA='{data}'",
-              "--gin.TASK='taskless_synthetic_sentiment'", "--gin.evaluate.input_length=16",
+              "--gin.TASK='taskless_synthetic_sentiment'", "--gin.evaluate.input_length=64",
               "--gin.evaluate.target_length=10"]
   capsys.readouterr()
   assert main(evaluate) == 2
