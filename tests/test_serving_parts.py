@@ -2,7 +2,12 @@
 request parser (fuzzed), and the runner's padded shapes and bank copies."""
 
 import asyncio
+import gc
 import json
+import weakref
+
+import jax
+import jax.numpy as jnp
 
 import numpy as np
 import pytest
@@ -15,6 +20,7 @@ from softprompt_jax.serving.batcher import Batcher, Example, QueueFull
 from softprompt_jax.serving.model_runner import ModelRunner, length_buckets
 from softprompt_jax.serving.prompt_bank import BankError, PromptBank
 from softprompt_jax.serving.request_bodies import Limits, RequestError
+from softprompt_jax.serving.serve_metrics import ServeMetrics
 from softprompt_jax.data import get_task
 from softprompt_jax.tokenizers import get_vocabulary
 
@@ -229,3 +235,20 @@ def test_a_record_becomes_the_tasks_inputs_and_scores_default_to_the_tasks_label
       {"instances": [{"task": SENTIMENT, "record": {"text": "good day"}}]}).encode(), "score")
   assert is_list and checked[0].row["inputs"] == "good day"
   assert checked[0].labels == ("negative", "positive")
+
+
+def _compilations(metrics: ServeMetrics) -> float:
+  return metrics.registry.get_sample_value("softprompt_xla_compilations_total")
+
+
+def test_every_live_server_counts_each_compilation_and_a_dropped_one_stops_listening():
+  first, second = ServeMetrics(), ServeMetrics()
+  jax.jit(lambda x: x * 3 + 1)(jnp.arange(5)).block_until_ready()  # a program not seen before
+  assert _compilations(first) == _compilations(second) >= 1
+  counted = _compilations(first)
+  dropped = weakref.ref(second)
+  del second
+  gc.collect()
+  assert dropped() is None  # the listener holds no server's metrics alive
+  jax.jit(lambda x: x * 5 - 2)(jnp.arange(6)).block_until_ready()
+  assert _compilations(first) > counted

@@ -18,12 +18,12 @@ from typing import Any, Callable, Optional, Sequence
 @dataclasses.dataclass
 class Example:
   """One example waiting for the model: `kind` is "predict" or "score"; `tokens` its input ids
-  (EOS included); `labels` the label token ids a score needs. `future` gets the result."""
+  (EOS included); `label_ids` the label token ids a score needs. `future` gets the result."""
   kind: str
   task: str
   tokens: list[int]
   future: asyncio.Future
-  labels: Any = None
+  label_ids: Any = None
   arrived: float = dataclasses.field(default_factory=time.monotonic)
 
 

@@ -62,8 +62,8 @@ class Server:
     tokens = [e.tokens for e in batch]
     self.metrics.queue_depth.set(self.batcher.depth)
     if batch[0].kind == "score":
-      labels = [e.labels for e in batch]
-      return lambda: self.runner.score(params, slots, tokens, labels)
+      label_ids = [e.label_ids for e in batch]
+      return lambda: self.runner.score(params, slots, tokens, label_ids)
     return lambda: self.runner.predict(params, slots, tokens)
 
   # -- requests ---------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ XLA compilations (none may happen after start-up)."""
 
 from __future__ import annotations
 
+import weakref
+
 import jax
 import prometheus_client as prom
 
@@ -39,11 +41,7 @@ class ServeMetrics:
     self.compilations = prom.Counter("softprompt_xla_compilations",
                                      "XLA compilations in this process (start-up included)",
                                      registry=r)
-    jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-  def _on_event(self, event: str, _seconds: float, **_kwargs) -> None:
-    if event == _COMPILE_EVENT:
-      self.compilations.inc()
+    _LIVE.add(self)
 
   def batch_done(self, batch, seconds: float) -> None:
     self.batch_size.observe(len(batch))
@@ -53,3 +51,17 @@ class ServeMetrics:
 
   def text(self) -> bytes:
     return prom.generate_latest(self.registry)
+
+
+# jax.monitoring listeners cannot be removed, so one listener, registered once, feeds every live
+# ServeMetrics (a dropped server's metrics leave the set with it).
+_LIVE: "weakref.WeakSet[ServeMetrics]" = weakref.WeakSet()
+
+
+def _on_event(event: str, _seconds: float, **_kwargs) -> None:
+  if event == _COMPILE_EVENT:
+    for metrics in list(_LIVE):
+      metrics.compilations.inc()
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
