@@ -143,16 +143,30 @@ def trace(size: str, s: dict) -> dict:
 # Peak memory: each configuration alone in a fresh process
 
 
-def peak_memory(size: str, s: dict) -> dict:
+def peak_memory(size: str, s: dict, at_once: bool) -> dict:
+  """Each configuration's peak in a process of its own. `at_once` (a CPU run): the three run
+  side by side, as each reads only its own process's peak (VmHWM); on a GPU they share one
+  device's memory, so one after another."""
+  commands = {name: [sys.executable, os.path.abspath(__file__), "--memory_child", size, trainable,
+                     "--shape", json.dumps(s)]
+              for name, trainable in (("prompt_tuning", ".*prompt.*"), ("model_tuning", ".*"),
+                                      ("peft_prompt_tuning", "peft"))}
+  start = lambda cmd: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
   results = {}
-  for name, trainable in (("prompt_tuning", ".*prompt.*"), ("model_tuning", ".*"),
-                          ("peft_prompt_tuning", "peft")):
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory_child", size, trainable,
-           "--shape", json.dumps(s)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-      raise SystemExit(f"memory measurement {name} ({size}) failed:\n{out.stderr[-3000:]}")
-    results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+
+  def finish(name, process):
+    stdout, stderr = process.communicate()
+    if process.returncode != 0:
+      raise SystemExit(f"memory measurement {name} ({size}) failed:\n{stderr[-3000:]}")
+    results[name] = json.loads(stdout.strip().splitlines()[-1])
+  if at_once:
+    running = {name: start(cmd) for name, cmd in commands.items()}
+    for name, process in running.items():
+      finish(name, process)
+  else:
+    for name, cmd in commands.items():
+      finish(name, start(cmd))
   return results
 
 
@@ -343,7 +357,8 @@ def main(argv=None) -> dict:
     gc.collect()
     if device.type == "cuda":
       torch.cuda.empty_cache()
-  memory = None if args.skip_memory else peak_memory(s["memory_size"], s)
+  memory = (None if args.skip_memory
+            else peak_memory(s["memory_size"], s, at_once=device.type == "cpu"))
   summary = report(s, info, peak, speed, inference, memory)
   summary["wall_s"] = time.perf_counter() - started
   summary["mode"] = "quick" if args.quick else "full"

@@ -19,6 +19,7 @@ The last line is JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -35,7 +36,8 @@ CPU_BUDGET_GIB = 16
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--size", required=True, choices=["small", "base", "large", "xl", "xxl"])
+  p.add_argument("--size", required=True, choices=["tiny", "small", "base", "large", "xl", "xxl"],
+                 help="a T5 size; tiny is the test model (a quick check of the toolchain)")
   p.add_argument("--mesh", required=True, help="DATAxMODEL, e.g. 4x8 (their product: the number "
                  "of devices)")
   p.add_argument("--topology", help="a TPU topology, e.g. v3:4x4 or v4:2x4x4: compile with the "
@@ -117,7 +119,7 @@ def main(argv=None) -> dict:
   from softprompt_jax import optim, partitioning
   from softprompt_jax import train_step as ts
   from softprompt_jax.prompted_t5 import PromptedT5
-  from softprompt_jax.t5_config import t5_config
+  from softprompt_jax.t5_config import t5_config, tiny_config
 
   input_len, target_len = (int(x) for x in args.lengths.split(","))
   if args.batch % data:
@@ -135,8 +137,9 @@ def main(argv=None) -> dict:
     where = f"topology {args.topology}" if args.topology else "the simulated CPU devices"
     raise SystemExit(f"--mesh {args.mesh} has {data * model_parallel} devices but {where} has "
                      f"{len(devices)}; give DATAxMODEL with product {len(devices)}")
-  config = t5_config(args.size, args.family, dtype=args.dtype, remat_policy=args.remat_policy,
-                     dropout_rate=args.dropout_rate)
+  make_config = tiny_config if args.size == "tiny" else functools.partial(t5_config, args.size)
+  config = make_config(args.family, dtype=args.dtype, remat_policy=args.remat_policy,
+                       dropout_rate=args.dropout_rate)
   model = PromptedT5(config, prompt_length=args.prompt_length)
   partitioner = partitioning.Partitioner.create(
       mesh_shape=(data, model_parallel), devices=devices,

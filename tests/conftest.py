@@ -1,5 +1,5 @@
-"""Shared test setup: 8 simulated CPU devices for sharding tests, and the real artifacts in
-tests/testdata/ (see its NOTICE)."""
+"""Shared test setup: 8 simulated CPU devices for sharding tests, one JAX compilation cache for
+the whole session, and the real artifacts in tests/testdata/ (see its NOTICE)."""
 
 import os
 import pathlib
@@ -14,6 +14,32 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Real artifacts made by other projects (a t5x checkpoint, T5's vocabulary, released prompts),
 # committed with the tests so that a fresh clone runs every test that reads them.
 TESTDATA = REPO_ROOT / "tests" / "testdata"
+
+
+# The persistent compilation cache's settings, as jax.config names them; the upper-case names are
+# the environment variables a subprocess's jax reads them from.
+CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Compilation is nearly all of a smoke run's time (~10 s of ~12), and the suite's runs, in
+  this process and in the subprocesses it starts (multi-host runs, servers), compile the same
+  programs again and again: with JAX's persistent cache, one folder for the session, a run
+  whose programs an earlier one compiled takes ~3 s. A program read from the cache is the one
+  that was compiled, so results stay bit for bit."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cache
+  folder = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+  folder.mkdir(exist_ok=True)
+  values = dict(zip(CACHE_SETTINGS, (str(folder), 0, 0)))
+  with pytest.MonkeyPatch.context() as patch:
+    for name, value in values.items():
+      jax.config.update(name, value)
+      patch.setenv(name.upper(), str(value))
+    cache.reset_cache()  # a "no cache" decision taken at import is dropped
+    yield folder
 
 
 @pytest.fixture(scope="session")

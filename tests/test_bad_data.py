@@ -12,8 +12,6 @@ from softprompt_jax.cli import main
 from softprompt_jax.data import DataError, RecordError, get_batches, pipeline
 from softprompt_jax.tokenizers import ByteVocabulary
 
-# JAX's persistent compilation cache, one folder for the session (autouse; see there).
-from test_disk_faults import compilation_cache  # noqa: F401
 
 VOCAB = ByteVocabulary()
 GOOD = '{"sentence": "a fine film", "label": 1}'

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import CACHE_SETTINGS
 from softprompt_jax.cli import main
 from softprompt_jax.multihost import PEER_LOST_STATUS, _timed_out
 from softprompt_jax.preemption import Interrupted, Preempted, StopSignals
@@ -38,7 +39,10 @@ def _free_port() -> int:
 
 
 def _env(devices: int, process_id=None, port=None) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  """A clean JAX environment but the session's compilation cache (conftest): later runs of the
+  same command read what the first compiled; only process 0 of a run writes the cache."""
+  cache = {name.upper() for name in CACHE_SETTINGS}
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k in cache}
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   if process_id is not None:
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
@@ -65,7 +69,7 @@ class Run:
   """Processes of one `train` invocation, their output in files (no pipe can fill up)."""
 
   def __init__(self, run_dir, processes: int, extra=()):
-    log_dir = run_dir.parent
+    log_dir, self.run_dir = run_dir.parent, run_dir
     command = [sys.executable, "-m", "softprompt_jax", "train", *SMOKE, "--model_dir",
                str(run_dir), *extra]
     port = _free_port()
@@ -100,22 +104,31 @@ class Run:
     return "\n".join(f"--- process {i}:\n{self.output(i)[-3000:]}" for i in range(len(self.logs)))
 
 
-def _finished(run_dir, processes: int, extra=()) -> pathlib.Path:
-  run = Run(run_dir, processes, extra)
-  assert run.wait() == [0] * processes, run.tails()
-  return run_dir
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The references, both started at once (3 processes, mostly compiling, on any cores free):
+  {1: one process with 4 devices, 2: two processes with 2 devices each}."""
+  runs = {n: Run(tmp_path_factory.mktemp(f"uninterrupted_{n}") / "run", n) for n in (1, 2)}
+  try:
+    yield {n: _finished(run) for n, run in runs.items()}
+  finally:
+    for run in runs.values():
+      run.kill()
+
+
+def _finished(run: "Run") -> pathlib.Path:
+  assert run.wait() == [0] * len(run.procs), run.tails()
+  return run.run_dir
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-  """The reference: one process with 4 devices, uninterrupted."""
-  return _finished(tmp_path_factory.mktemp("one_process") / "run", 1)
+def one_process(uninterrupted):
+  return uninterrupted[1]
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-  """Two processes with 2 devices each, uninterrupted."""
-  return _finished(tmp_path_factory.mktemp("two_processes") / "run", 2)
+def two_processes(uninterrupted):
+  return uninterrupted[2]
 
 
 def test_two_processes_train_like_one_and_only_process_0_writes(one_process, two_processes):

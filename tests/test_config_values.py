@@ -15,8 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from softprompt_jax import gin_setup
 from softprompt_jax.cli import main
 
-# JAX's persistent compilation cache, one folder for the session (autouse; see there).
-from test_disk_faults import compilation_cache  # noqa: F401
 
 SMOKE = ["--gin_file", "runs/smoke.gin"]
 

@@ -20,7 +20,6 @@ import subprocess
 import threading
 from typing import Callable, Optional
 
-import jax
 import numpy as np
 import pytest
 
@@ -190,31 +189,6 @@ class _FaultyFile:
 
 # --------------------------------------------------------------------------------------------
 # Runs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Compilation is nearly all of a smoke run's time (~10 s of ~12), and the suite's runs compile
-  the same programs again and again: with JAX's persistent cache, one folder for the whole
-  session, a run whose programs an earlier one compiled takes ~3 s. Other modules that train
-  import this fixture; runs they start in subprocesses read the folder through the environment.
-  A program read from the cache is the one that was compiled, so results stay bit for bit."""
-  from jax.experimental.compilation_cache import compilation_cache as cache
-  folder = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-  folder.mkdir(exist_ok=True)
-  settings = {"jax_compilation_cache_dir": str(folder),
-              "jax_persistent_cache_min_compile_time_secs": 0,
-              "jax_persistent_cache_min_entry_size_bytes": 0}
-  saved = {name: getattr(jax.config, name) for name in settings}
-  with pytest.MonkeyPatch.context() as patch:
-    for name, value in settings.items():
-      jax.config.update(name, value)
-      patch.setenv(name.upper(), str(value))
-    cache.reset_cache()  # an earlier module's process-wide "no cache" decision is dropped
-    yield
-    for name, value in saved.items():
-      jax.config.update(name, value)
-    cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

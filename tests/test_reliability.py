@@ -22,8 +22,6 @@ from softprompt_jax.cli import main
 from softprompt_jax.errors import NumericalError
 from softprompt_jax.run_dir import best_prompt
 
-# JAX's persistent compilation cache, one folder for the session (autouse; see there).
-from test_disk_faults import compilation_cache  # noqa: F401
 
 SMOKE = ["--gin_file", "runs/smoke.gin", "--gin.train.num_steps=30"]
 

@@ -13,8 +13,6 @@ import pytest
 from softprompt_jax.cli import main
 from softprompt_jax.run_lock import LOCK_FILE, RunDirectoryBusy, RunLock
 
-# JAX's persistent compilation cache, one folder for the session (autouse; see there).
-from test_disk_faults import compilation_cache  # noqa: F401
 
 SMOKE = ["--gin_file", "runs/smoke.gin"]
 

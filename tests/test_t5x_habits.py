@@ -15,8 +15,6 @@ from softprompt_jax import gin_setup
 from softprompt_jax.cli import main
 from softprompt_jax.errors import ConfigError
 
-# JAX's persistent compilation cache, one folder for the session (autouse; see there).
-from test_disk_faults import compilation_cache  # noqa: F401
 
 SMOKE = ["--gin_file", "runs/smoke.gin"]
 TESTDATA = pathlib.Path(__file__).parent / "testdata"

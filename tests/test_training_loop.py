@@ -13,8 +13,6 @@ from softprompt_jax import training_loop
 from softprompt_jax.errors import ConfigError, NumericalError
 from softprompt_jax.run_log import read_metrics
 
-# JAX's persistent compilation cache, one folder for the session (autouse; see there).
-from test_disk_faults import compilation_cache  # noqa: F401
 
 SMOKE = ["--gin_file", "runs/smoke.gin"]
 

@@ -20,8 +20,6 @@ from softprompt_jax.peft_interop import load_peft_adapter
 from softprompt_jax.run_dir import required_meta
 from softprompt_jax.tokenizers import get_vocabulary
 
-# JAX's persistent compilation cache, one folder for the session (autouse; see there).
-from test_disk_faults import compilation_cache  # noqa: F401
 
 SMOKE = ["--gin_file", "runs/smoke_wayward.gin"]
 TASK = "taskless_synthetic_sentiment"

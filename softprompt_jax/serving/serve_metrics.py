@@ -9,7 +9,8 @@ import weakref
 import jax
 import prometheus_client as prom
 
-# jax.monitoring's event for one backend compilation.
+# jax.monitoring's event for a program built: compiled by XLA or read from JAX's persistent
+# compilation cache (jax records it for both).
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -38,9 +39,9 @@ class ServeMetrics:
     self.queue_depth = prom.Gauge("softprompt_queue_depth", "examples waiting for a batch",
                                   registry=r)
     self.tasks = prom.Gauge("softprompt_tasks", "tasks in the prompt bank", registry=r)
-    self.compilations = prom.Counter("softprompt_xla_compilations",
-                                     "XLA compilations in this process (start-up included)",
-                                     registry=r)
+    self.compilations = prom.Counter(
+        "softprompt_xla_compilations", "XLA programs compiled, or read from the persistent "
+        "compilation cache, in this process (start-up included)", registry=r)
     _LIVE.add(self)
 
   def batch_done(self, batch, seconds: float) -> None:
