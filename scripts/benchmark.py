@@ -140,7 +140,7 @@ def trace(size: str, s: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Peak memory: each configuration alone in a fresh process
+# Peak memory: each configuration in a fresh process of its own
 
 
 def peak_memory(size: str, s: dict, at_once: bool) -> dict:

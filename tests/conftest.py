@@ -20,6 +20,9 @@ TESTDATA = REPO_ROOT / "tests" / "testdata"
 # the environment variables a subprocess's jax reads them from.
 CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
                   "jax_persistent_cache_min_entry_size_bytes")
+# Programs that took longer to compile are cached: a run's steps (0.2-8 s each), not the
+# thousands of one-op programs of eager code, whose writes would cost more than they save.
+CACHED_COMPILE_S = 0.2
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,7 +36,7 @@ def compilation_cache(tmp_path_factory):
   from jax.experimental.compilation_cache import compilation_cache as cache
   folder = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
   folder.mkdir(exist_ok=True)
-  values = dict(zip(CACHE_SETTINGS, (str(folder), 0, 0)))
+  values = dict(zip(CACHE_SETTINGS, (str(folder), CACHED_COMPILE_S, 0)))
   with pytest.MonkeyPatch.context() as patch:
     for name, value in values.items():
       jax.config.update(name, value)

@@ -166,14 +166,15 @@ def test_mixed_task_batch_equals_each_task_alone(t5_params):
   params = make_prompted_params(bank, t5_params, jax.random.PRNGKey(7))
   batch = _batch(5, batch=6)
   ids = jnp.array([2, 0, 1, 2, 0, 1])
-  mixed = bank.apply({"params": params}, batch["encoder_input_tokens"],
-                     batch["decoder_input_tokens"], prompt_ids=ids)
-  single = PromptedT5(CONFIG, prompt_length=PROMPT_LENGTH)
+  # Jitted (op by op, the tiny model takes seconds a call).
+  mixed = jax.jit(bank.apply)({"params": params}, batch["encoder_input_tokens"],
+                              batch["decoder_input_tokens"], prompt_ids=ids)
+  single = jax.jit(PromptedT5(CONFIG, prompt_length=PROMPT_LENGTH).apply)
   for task in range(3):
     rows = np.where(np.asarray(ids) == task)[0]
     task_params = {**t5_params, "prompt": {"prompt": params["prompt"]["prompt"][task]}}
-    alone = single.apply({"params": task_params}, batch["encoder_input_tokens"][rows],
-                         batch["decoder_input_tokens"][rows])
+    alone = single({"params": task_params}, batch["encoder_input_tokens"][rows],
+                   batch["decoder_input_tokens"][rows])
     np.testing.assert_allclose(np.asarray(mixed[rows]), np.asarray(alone), atol=1e-5)
 
 
