@@ -13,7 +13,8 @@ import softprompt_jax
 from softprompt_jax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+PYPROJECT_TOML = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PYPROJECT = PYPROJECT_TOML["project"]
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -73,6 +74,15 @@ def test_help_hides_empty_defaults(capsys):
   text = capsys.readouterr().out
   assert "(default: None)" not in text and "(default: [])" not in text
   assert "(default: False)" not in text
+
+
+def test_every_subpackage_is_in_the_wheel():
+  """setuptools ships only the packages pyproject.toml lists; an editable install (the tests')
+  finds the others anyway, so only a wheel install would miss them."""
+  folders = {".".join(init.parent.relative_to(ROOT).parts)
+             for init in (ROOT / "softprompt_jax").rglob("__init__.py")}
+  listed = set(PYPROJECT_TOML["tool"]["setuptools"]["packages"]) - {"softprompt_jax.configs"}
+  assert folders == listed, f"add {sorted(folders - listed)} to [tool.setuptools] packages"
 
 
 def test_licence_and_notices():
