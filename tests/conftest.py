@@ -19,7 +19,7 @@ TESTDATA = REPO_ROOT / "tests" / "testdata"
 # The persistent compilation cache's settings, as jax.config names them; the upper-case names are
 # the environment variables a subprocess's jax reads them from.
 CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                  "jax_persistent_cache_min_entry_size_bytes")
+                  "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
 # Programs that took longer to compile are cached: a run's steps (0.2-8 s each), not the
 # thousands of one-op programs of eager code, whose writes would cost more than they save.
 CACHED_COMPILE_S = 0.2
@@ -34,9 +34,14 @@ def compilation_cache(tmp_path_factory):
   that was compiled, so results stay bit for bit."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache as cache
-  folder = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # one folder for all the session's workers
+    base = base.parent
+  folder = base / "jax_compilation_cache"
   folder.mkdir(exist_ok=True)
-  values = dict(zip(CACHE_SETTINGS, (str(folder), CACHED_COMPILE_S, 0)))
+  # A size limit (never reached) turns on the cache's file lock: without it, a process could
+  # read an entry another is still writing.
+  values = dict(zip(CACHE_SETTINGS, (str(folder), CACHED_COMPILE_S, 0, 64 * 1024 ** 3)))
   with pytest.MonkeyPatch.context() as patch:
     for name, value in values.items():
       jax.config.update(name, value)
