@@ -3,6 +3,7 @@ the whole session, and the real artifacts in tests/testdata/ (see its NOTICE).""
 
 import os
 import pathlib
+import re
 
 # Must be set before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -55,6 +56,12 @@ def testdata() -> pathlib.Path:
   """`tests/testdata/`. A missing folder is a broken checkout, so it fails rather than skips."""
   assert (TESTDATA / "NOTICE").is_file(), f"{TESTDATA} is missing or incomplete"
   return TESTDATA
+
+
+def unwrapped_gin(gin_text: str) -> str:
+  """A gin file's text without gin's line continuations and spacing: gin wraps a line longer
+  than 80 characters, so two files that differ only in a path's length may wrap differently."""
+  return re.sub(r"\\\n|\s", "", gin_text)
 
 
 def _forbidden(what):

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
+from conftest import unwrapped_gin
 from softprompt_jax.checkpoints.state import INTEGRITY_FILE, PromptCheckpoints
 from softprompt_jax.cli import main
 from softprompt_jax.errors import one_line
@@ -294,17 +295,13 @@ def _assert_resumes_to_the_reference(run, reference, capsys, steps: list[int]) -
     assert summary[key] == expected[key], key
   assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   for name in ("config.gin", "operative_config.gin"):  # gin wraps long paths where they fall
-    assert _unwrapped((run / name).read_text()) == \
-        _unwrapped((reference / name).read_text().replace(str(reference), str(run))), name
+    assert unwrapped_gin((run / name).read_text()) == \
+        unwrapped_gin((reference / name).read_text().replace(str(reference), str(run))), name
   # The log reads as one run: what the stopped run logged past its checkpoint is superseded.
   logged = [[(r["split"], r["step"], r.get("loss"), r.get("accuracy")) for r in read_metrics(d)]
             for d in (run, reference)]
   assert logged[0] == logged[1]
   assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in reference.iterdir())
-
-
-def _unwrapped(gin_text: str) -> str:
-  return re.sub(r"\\\n|\s", "", gin_text)
 
 
 # (where the disk fills up: the first write to PATTERN once the checkpoint of step ARMED is
