@@ -12,7 +12,6 @@ from softprompt_jax.cli import main
 from softprompt_jax.data import DataError, RecordError, get_batches, pipeline
 from softprompt_jax.tokenizers import ByteVocabulary
 
-
 VOCAB = ByteVocabulary()
 GOOD = '{"sentence": "a fine film", "label": 1}'
 SIZES = dict(batch_size=2, input_length=32, target_length=8)

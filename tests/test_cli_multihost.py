@@ -116,7 +116,7 @@ def uninterrupted(tmp_path_factory):
       run.kill()
 
 
-def _finished(run: "Run") -> pathlib.Path:
+def _finished(run: Run) -> pathlib.Path:
   assert run.wait() == [0] * len(run.procs), run.tails()
   return run.run_dir
 

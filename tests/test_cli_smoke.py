@@ -7,7 +7,6 @@ import pytest
 
 from softprompt_jax.cli import main
 
-
 SMOKE = ["--gin_file", "runs/smoke.gin"]
 TASK = "taskless_synthetic_sentiment"
 

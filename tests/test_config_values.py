@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from softprompt_jax import gin_setup
 from softprompt_jax.cli import main
 
-
 SMOKE = ["--gin_file", "runs/smoke.gin"]
 
 

@@ -21,7 +21,6 @@ from softprompt_jax.run_dir import best_trainable, read_meta
 from softprompt_jax.t5 import T5, init_params, logical_axes
 from softprompt_jax.t5_config import T5Config, tiny_config
 
-
 CONFIG = tiny_config(num_decoder_layers=3, dropout_rate=0.0)
 
 

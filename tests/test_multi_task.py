@@ -22,7 +22,6 @@ from softprompt_jax.methods.multi_task import PARAMS, multi_task_prompt
 from softprompt_jax.prompted_t5 import PromptedT5, make_prompted_params
 from softprompt_jax.run_dir import read_meta
 
-
 CONFIG = sj.tiny_config()  # d_model 16
 H = CONFIG.emb_dim
 P = 4

@@ -25,7 +25,6 @@ from softprompt_jax.prompt_init import random_uniform
 from softprompt_jax.prompted_t5 import PromptedT5, append, make_prompted_params, prepend
 from softprompt_jax.run_dir import best_trainable
 
-
 CONFIG = sj.tiny_config(dropout_rate=0.0)
 L, H = CONFIG.num_encoder_layers, CONFIG.emb_dim
 P = 3

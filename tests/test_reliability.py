@@ -22,7 +22,6 @@ from softprompt_jax.cli import main
 from softprompt_jax.errors import NumericalError
 from softprompt_jax.run_dir import best_prompt
 
-
 SMOKE = ["--gin_file", "runs/smoke.gin", "--gin.train.num_steps=30"]
 
 

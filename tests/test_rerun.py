@@ -11,7 +11,6 @@ import pytest
 from conftest import unwrapped_gin
 from softprompt_jax.cli import main
 
-
 SMOKE = ["--gin_file", "runs/smoke.gin"]
 
 
@@ -70,4 +69,3 @@ def test_a_run_stopped_in_its_final_save_gets_its_results_without_training(finis
   assert (run / "curves.png").stat().st_size > 0
   assert unwrapped_gin((run / "operative_config.gin").read_text()) == unwrapped_gin(
       (finished / "operative_config.gin").read_text().replace(str(finished), str(run)))
-

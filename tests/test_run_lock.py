@@ -13,7 +13,6 @@ import pytest
 from softprompt_jax.cli import main
 from softprompt_jax.run_lock import LOCK_FILE, RunDirectoryBusy, RunLock
 
-
 SMOKE = ["--gin_file", "runs/smoke.gin"]
 
 

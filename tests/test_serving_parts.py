@@ -8,7 +8,6 @@ import weakref
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -259,7 +258,7 @@ def test_every_live_server_counts_each_program_built_and_a_dropped_one_stops_lis
   dropped = weakref.ref(second)
   del second
   gc.collect()
-  assert dropped() is None  # the listeners hold no server's metrics alive
+  assert dropped() is None  # the listener holds no server's metrics alive
   # The same program again after the in-memory caches are gone: read from the session's
   # persistent compilation cache (conftest; this one is cached however quick), and still counted.
   jax.clear_caches()

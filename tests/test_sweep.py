@@ -15,7 +15,6 @@ from softprompt_jax import optim, prompts, sweep, sweep_plan, training_loop
 from softprompt_jax.cli import main
 from softprompt_jax.errors import ConfigError
 
-
 SWEEP = ["--gin_file", "runs/smoke_sweep.gin"]
 MEMBERS = ("base", "seed1", "lr0.1_seed2")  # as the gin file names them
 RELATIVE = 1e-5

@@ -15,7 +15,6 @@ from softprompt_jax import gin_setup
 from softprompt_jax.cli import main
 from softprompt_jax.errors import ConfigError
 
-
 SMOKE = ["--gin_file", "runs/smoke.gin"]
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 T5X_CHECKPOINT = str(TESTDATA / "t5x_t5_1_1_tiny" / "checkpoint_3")

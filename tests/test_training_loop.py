@@ -13,7 +13,6 @@ from softprompt_jax import training_loop
 from softprompt_jax.errors import ConfigError, NumericalError
 from softprompt_jax.run_log import read_metrics
 
-
 SMOKE = ["--gin_file", "runs/smoke.gin"]
 
 

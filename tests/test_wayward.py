@@ -20,7 +20,6 @@ from softprompt_jax.peft_interop import load_peft_adapter
 from softprompt_jax.run_dir import required_meta
 from softprompt_jax.tokenizers import get_vocabulary
 
-
 SMOKE = ["--gin_file", "runs/smoke_wayward.gin"]
 TASK = "taskless_synthetic_sentiment"
 TEXT = "positive or negative"  # smoke_wayward.gin's
